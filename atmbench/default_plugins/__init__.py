@@ -1,0 +1,1 @@
+"""Built-in plugins: merge methods, refiners and suites, loaded through entry points."""

@@ -1,0 +1,25 @@
+"""Accuracy of an encoder under a task's frozen head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+@torch.no_grad()
+def accuracy(encoder: nn.Module, head: nn.Module, dataset: Dataset, batch_size: int = 512) -> float:
+    """Top-1 accuracy in percent, in eval mode, in the dataset's own order."""
+    device = next(encoder.parameters()).device
+    encoder.eval()
+    correct = total = 0
+    amp = device.type == "cuda"
+    for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        images, labels = images.to(device), labels.to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            logits = head(encoder(images))
+        correct += (logits.argmax(-1) == labels).sum().item()
+        total += len(labels)
+    if total == 0:
+        raise ValueError("cannot compute accuracy on an empty dataset")
+    return 100.0 * correct / total

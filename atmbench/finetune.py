@@ -1,0 +1,139 @@
+"""Fine-tuning an image encoder under a frozen head: the one training loop of the project.
+
+Experts, ATM's tuning steps and the multi-task reference all train through
+:func:`finetune`, so "equal compute" comparisons count the same optimizer steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from atmbench.heads import Classifier
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Fine-tuning hyperparameters; its fields are part of an expert's cache key."""
+
+    epochs: float
+    lr: float
+    batch_size: int
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    """``cosine`` (with linear warm-up) or ``constant``."""
+    grad_clip: float | None = 1.0
+    num_workers: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def steps(self, num_examples: int, epochs: float | None = None) -> int:
+        per_epoch = math.ceil(num_examples / self.batch_size)
+        return max(1, round((self.epochs if epochs is None else epochs) * per_epoch))
+
+
+@dataclass
+class TrainStats:
+    """Compute spent: optimizer steps and examples forwarded and back-propagated."""
+
+    steps: int = 0
+    examples: int = 0
+
+    def __iadd__(self, other: TrainStats) -> TrainStats:
+        self.steps += other.steps
+        self.examples += other.examples
+        return self
+
+
+def _lr_lambda(recipe: Recipe, total: int):
+    def factor(step: int) -> float:
+        if step < recipe.warmup_steps:
+            return (step + 1) / recipe.warmup_steps
+        if recipe.schedule == "constant":
+            return 1.0
+        progress = (step - recipe.warmup_steps) / max(1, total - recipe.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _batches(dataset: Dataset, recipe: Recipe, seed: int, device: torch.device):
+    """Endless shuffled batches; the order is fixed by ``seed`` alone."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=recipe.num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=len(dataset) > recipe.batch_size,
+    )
+    while True:
+        for images, labels in loader:
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def finetune(
+    encoder: nn.Module,
+    head: nn.Module,
+    dataset: Dataset,
+    recipe: Recipe,
+    seed: int,
+    epochs: float | None = None,
+    desc: str = "fine-tune",
+    progress: bool = True,
+) -> TrainStats:
+    """Train ``encoder`` in place on ``dataset`` under the frozen ``head``.
+
+    ``epochs`` overrides the recipe's (ATM spends the budget in slices). A fresh AdamW
+    is made each call, as in ATM's official code.
+    """
+    device = next(encoder.parameters()).device
+    model = Classifier(encoder, head).train()
+    steps = recipe.steps(len(dataset), epochs)
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe, steps))
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    stats = TrainStats()
+    torch.manual_seed(seed)
+    batches = _batches(dataset, recipe, seed, device)
+    for _ in tqdm(range(steps), desc=desc, leave=False, disable=not progress):
+        images, labels = next(batches)
+        if amp is not None:
+            with amp:
+                logits = model(images)
+        else:
+            logits = model(images)
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.grad_clip:
+            nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        stats.steps += 1
+        stats.examples += len(labels)
+    model.eval()
+    return stats
+
+
+def task_vector(tuned: dict, base: dict) -> dict:
+    """τ = θ_t − θ0 in float32, tensor by tensor.
+
+    Keys the base lacks are passed through unchanged, so that the merge's key check can
+    name them instead of failing here with a bare KeyError.
+    """
+    return {k: v.float() - base[k].float() if k in base else v for k, v in tuned.items()}
+
+
+def state_on_cpu(module: nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}

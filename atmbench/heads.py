@@ -1,0 +1,46 @@
+"""Frozen classification heads on normalized image features, the CLIP zero-shot way."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class CosineHead(nn.Module):
+    """logits = scale · cos(feature, class embedding); the class embeddings never train.
+
+    CLIP's zero-shot heads are text embeddings of class names; the offline suite uses
+    class prototypes of pretrained features instead. Either way the head is built from
+    the pretrained model alone and never sees fine-tuned features.
+    """
+
+    def __init__(self, class_embeddings: Tensor, scale: float):
+        super().__init__()
+        weight = nn.functional.normalize(class_embeddings.float(), dim=-1)
+        self.register_buffer("weight", weight)
+        self.scale = float(scale)
+
+    def forward(self, features: Tensor) -> Tensor:
+        features = nn.functional.normalize(features.float(), dim=-1)
+        return self.scale * features @ self.weight.T
+
+
+class Classifier(nn.Module):
+    """Encoder + frozen head: what fine-tuning and evaluation run."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head.requires_grad_(False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.encoder(images))
+
+
+@torch.no_grad()
+def class_prototypes(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Per class, the normalized mean of normalized features: a head without training."""
+    features = nn.functional.normalize(features.float(), dim=-1)
+    protos = torch.zeros(num_classes, features.shape[-1])
+    protos.index_add_(0, labels, features)
+    return nn.functional.normalize(protos, dim=-1)

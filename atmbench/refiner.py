@@ -1,0 +1,62 @@
+"""The refiner contract: improve a merged model with data, e.g. ATM's tune/merge loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from atmbench.finetune import TrainStats
+from atmbench.hparams import HParam
+from atmbench.method import DATA_ACCESS, MergeMethod
+from atmbench.suite import Benchmark
+
+
+@dataclass
+class RefineRequest:
+    """What a refiner gets. ``method`` is ``None`` when it starts from the base (``atm``)."""
+
+    benchmark: Benchmark
+    base: dict[str, Tensor]
+    start: dict[str, Tensor]
+    method: MergeMethod | None
+    method_hparams: Mapping[str, Any]
+    hparams: Mapping[str, Any]
+    seed: int
+    progress: bool = True
+
+
+@dataclass
+class RefineResult:
+    state: dict[str, Tensor]
+    stats: dict[str, TrainStats] = field(default_factory=dict)
+    """Compute per task."""
+    trace: list[dict[str, Any]] = field(default_factory=list)
+    """One record per iteration (accuracies, task-vector cosines, ...)."""
+
+
+@dataclass(frozen=True)
+class Refiner:
+    """A registered refiner.
+
+    ``data`` is what it reads when refining a merged model; ``data_from_base`` what it
+    reads when it is the whole method (``atm`` alone), or ``None`` if it cannot start there.
+    """
+
+    name: str
+    refine: Callable[[RefineRequest], RefineResult]
+    data: str
+    data_from_base: str | None = None
+    hparams: tuple[HParam, ...] = ()
+    description: str = ""
+    version: str = "1"
+
+    def __post_init__(self) -> None:
+        for value in (self.data, self.data_from_base):
+            if value is not None and value not in DATA_ACCESS:
+                raise ValueError(
+                    f"refiner {self.name!r}: data access {value!r} is invalid, expected one of "
+                    + ", ".join(DATA_ACCESS)
+                )

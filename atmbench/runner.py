@@ -1,0 +1,280 @@
+"""Plan a grid of cells and execute them: experts from the cache, merge, refine, evaluate.
+
+Each cell is independent given the expert cache, so executors can hand cells to other
+processes; results go to the :class:`~atmbench.store.ResultStore` one cell at a time.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from atmbench import hparams as hp
+from atmbench import registry, statistics
+from atmbench.cache import load_entry
+from atmbench.evaluate import accuracy
+from atmbench.experts import Experts, ensure_experts
+from atmbench.finetune import TrainStats
+from atmbench.method import DATA_ACCESS, MergeMethod, combine, merged_task_vector
+from atmbench.provenance import device_name, git_commit, peak_memory_mb, versions
+from atmbench.refiner import RefineRequest
+from atmbench.spec import REFERENCES, Cell, MethodSpec, describe, parse_spec
+from atmbench.store import CellRecord, ResultStore
+from atmbench.suite import Benchmark
+
+
+def plan(suite: str, model: str | None, specs: Sequence[str], seeds: Sequence[int]) -> list[Cell]:
+    """The grid: reference cells then method cells, per seed. Validates every name first."""
+    suite_obj = registry.get_suite(suite)
+    model = suite_obj.check_model(model or suite_obj.models[0])
+    methods, refiners = registry.methods(), registry.refiners()
+    parsed = [parse_spec(s, methods, refiners) for s in specs]
+    cells = []
+    for seed in seeds:
+        base = {"suite_version": suite_obj.version}
+        cells += [Cell(suite, model, ref, seed, base) for ref in REFERENCES]
+        for spec in parsed:
+            identity = dict(base, **_spec_identity(spec, methods, refiners))
+            cells.append(Cell(suite, model, spec, seed, identity))
+    return list({c.key: c for c in cells}.values())
+
+
+def _spec_identity(spec: MethodSpec, methods, refiners) -> dict[str, Any]:
+    identity: dict[str, Any] = {}
+    if spec.method:
+        method = methods[spec.method.name]
+        identity["merge"] = {
+            "name": method.name,
+            "version": method.version,
+            "hparams": describe(method.all_hparams(), spec.method.fixed),
+        }
+    identity["refiners"] = [
+        {
+            "name": part.name,
+            "version": refiners[part.name].version,
+            "hparams": hp.defaults(refiners[part.name].hparams, part.fixed),
+        }
+        for part in spec.refiners
+    ]
+    return identity
+
+
+@dataclass
+class Workspace:
+    """Benchmarks and experts loaded once per process and shared by its cells."""
+
+    home: Path
+    device: torch.device
+    progress: bool = True
+    _benchmarks: dict = field(default_factory=dict)
+    _experts: dict = field(default_factory=dict)
+
+    def benchmark(self, suite: str, model: str) -> Benchmark:
+        if (suite, model) not in self._benchmarks:
+            loader = registry.get_suite(suite).load
+            self._benchmarks[suite, model] = loader(model, self.home, self.device)
+        return self._benchmarks[suite, model]
+
+    def experts(self, bench: Benchmark, seed: int) -> Experts:
+        key = (bench.suite, bench.model, seed)
+        if key not in self._experts:
+            self._experts[key] = ensure_experts(self.home, bench, seed, self.progress)
+        return self._experts[key]
+
+    def statistics(
+        self, bench: Benchmark, seed: int, names: Sequence[str]
+    ) -> dict[str, dict[str, Tensor]]:
+        """name -> parameter -> statistic stacked over tasks, each from the task's expert."""
+        experts, base = self.experts(bench, seed), bench.base_state()
+        out: dict[str, dict[str, Tensor]] = {}
+        for name in names:
+            per_task = []
+            for task in bench.tasks:
+                encoder = bench.encoder(combine(base, load_entry(experts.files[task].parent)))
+                per_task.append(statistics.compute(name, bench, encoder, task, seed))
+            out[name] = {k: torch.stack([s[k] for s in per_task]) for k in per_task[0]}
+        return out
+
+
+def evaluate_state(
+    bench: Benchmark, state: Mapping[str, Tensor], split: str, tasks: Iterable[str] | None = None
+) -> dict[str, float]:
+    encoder = bench.encoder(dict(state))
+    tasks = tasks or bench.tasks
+    return {t: accuracy(encoder, bench.head(t), bench.dataset(t, split)) for t in tasks}
+
+
+def evaluate_splits(bench: Benchmark, state: Mapping[str, Tensor]) -> dict[tuple[str, str], float]:
+    """(task, split) -> accuracy on validation and test."""
+    return {(t, s): a for s in ("val", "test") for t, a in evaluate_state(bench, state, s).items()}
+
+
+@dataclass
+class Outcome:
+    """What executing a cell produced, before it becomes a stored record."""
+
+    accuracies: dict[tuple[str, str], float]
+    hparams: dict[str, Any]
+    data_access: str
+    stats: TrainStats
+    trace: list | None = None
+
+
+def _max_access(*levels: str | None) -> str:
+    return max((lv for lv in levels if lv), key=DATA_ACCESS.index, default="none")
+
+
+def _references(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
+    base = bench.base_state()
+    if cell.spec == "pretrained":
+        return Outcome(evaluate_splits(bench, base), {}, "none", TrainStats())
+    experts = ws.experts(bench, cell.seed)
+    accs = {}
+    for task in bench.tasks:
+        state = combine(base, load_entry(experts.files[task].parent))
+        for split in ("val", "test"):
+            accs[task, split] = evaluate_state(bench, state, split, [task])[task]
+    return Outcome(accs, {}, "train", experts.total())
+
+
+def select_on_validation(
+    bench: Benchmark,
+    method: MergeMethod,
+    fixed: Mapping[str, Any],
+    base: Mapping[str, Tensor],
+    vectors,
+    seed: int,
+    stats: Mapping[str, Mapping[str, Tensor]] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Any], bool]:
+    """Merge with every candidate of the search space; keep the best mean validation accuracy.
+
+    The scale coefficient is swept on one merged task vector per other-hyperparameter
+    combination. Returns (state, chosen hyperparameters, whether anything was searched).
+    """
+    scale = method.scale
+    if scale is None:
+        scales = [1.0]
+    elif scale.name in fixed:
+        scales = [fixed[scale.name]]
+    else:
+        scales = list(scale.search or (scale.default,))
+    combos = hp.grid(method.hparams, fixed)
+    searched = len(combos) * len(scales) > 1
+    best: tuple[float, dict, dict] | None = None
+    for combo in combos:
+        delta = merged_task_vector(method, base, vectors, combo, seed, stats)
+        for value in scales:
+            state = combine(base, delta, value)
+            chosen = dict(combo, **({scale.name: value} if scale else {}))
+            if not searched:
+                return state, chosen, False
+            score = fmean(evaluate_state(bench, state, "val").values())
+            if best is None or score > best[0]:
+                best = (score, state, chosen)
+    assert best is not None
+    return best[1], best[2], True
+
+
+def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
+    spec = cell.spec
+    assert isinstance(spec, MethodSpec)
+    methods, refiners = registry.methods(), registry.refiners()
+    base = bench.base_state()
+    stats, chosen, access, trace = TrainStats(), {}, "none", None
+    method = None
+    state = base
+    if spec.method:
+        method = methods[spec.method.name]
+        experts = ws.experts(bench, cell.seed)
+        stats += experts.total()
+        data_stats = ws.statistics(bench, cell.seed, method.needs) if method.needs else None
+        state, chosen, searched = select_on_validation(
+            bench, method, spec.method.fixed, base, experts.vectors(), cell.seed, data_stats
+        )
+        access = _max_access(method.data, "validation" if searched else None)
+    for index, part in enumerate(spec.refiners):
+        refiner = refiners[part.name]
+        from_base = method is None and index == 0
+        result = refiner.refine(
+            RefineRequest(
+                benchmark=bench,
+                base=base,
+                start=state,
+                method=method,
+                method_hparams=chosen,
+                hparams=hp.defaults(refiner.hparams, part.fixed),
+                seed=cell.seed,
+                progress=ws.progress,
+            )
+        )
+        state, trace = result.state, result.trace
+        for task_stats in result.stats.values():
+            stats += task_stats
+        access = _max_access(access, refiner.data_from_base if from_base else refiner.data)
+    return Outcome(evaluate_splits(bench, state), chosen, access, stats, trace)
+
+
+def execute(cell: Cell, ws: Workspace) -> CellRecord:
+    """Run one cell; any exception becomes a failed record instead of stopping the grid."""
+    started = time.perf_counter()
+    record = CellRecord(cell.key, cell.suite, cell.model, cell.method, cell.seed, cell.config())
+    try:
+        bench = ws.benchmark(cell.suite, cell.model)
+        if isinstance(cell.spec, str):
+            outcome = _references(cell, bench, ws)
+        else:
+            outcome = _method_cell(cell, bench, ws)
+    except Exception as exc:  # noqa: BLE001 - a failing cell must not lose the rest of the grid
+        record.status = "failed"
+        record.error = f"{type(exc).__name__}: {exc}"
+        record.trace = [{"traceback": traceback.format_exc()}]
+    else:
+        record.accuracies = outcome.accuracies
+        record.hparams = outcome.hparams
+        record.data_access = outcome.data_access
+        record.steps, record.examples = outcome.stats.steps, outcome.stats.examples
+        record.trace = outcome.trace
+    record.wall_time_s = time.perf_counter() - started
+    record.peak_mem_mb = peak_memory_mb(ws.device)
+    record.device = device_name(ws.device)
+    record.versions = versions()
+    record.git_commit = git_commit()
+    return record
+
+
+@dataclass
+class Summary:
+    ran: int = 0
+    skipped: int = 0
+    failed: list[CellRecord] = field(default_factory=list)
+
+
+def run(
+    cells: Sequence[Cell],
+    store: ResultStore,
+    ws: Workspace,
+    force: bool = False,
+    on_record: Callable[[CellRecord], None] | None = None,
+) -> Summary:
+    """Execute the cells not yet in the store (all of them with ``force``), in order."""
+    summary = Summary()
+    for cell in cells:
+        if not force and store.done(cell.key):
+            summary.skipped += 1
+            continue
+        record = execute(cell, ws)
+        store.write(record)
+        summary.ran += 1
+        if record.status != "ok":
+            summary.failed.append(record)
+        if on_record:
+            on_record(record)
+    return summary

@@ -1,0 +1,157 @@
+"""The SQLite result store: the single source of truth for every table and plot.
+
+``cells`` holds one row per cell (config, status, compute, provenance, trace) and
+``results`` one row per (cell, task, split); the ``rows`` view joins them into the
+one-row-per-(cell, task) shape that the leaderboard reads. A cell's rows are written in
+one transaction, so a killed run never leaves half a cell behind.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cells (
+    cell_key TEXT PRIMARY KEY,
+    suite TEXT NOT NULL,
+    model TEXT NOT NULL,
+    method TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    data_access TEXT,
+    hparams TEXT,
+    config TEXT NOT NULL,
+    steps INTEGER,
+    examples INTEGER,
+    wall_time_s REAL,
+    peak_mem_mb REAL,
+    device TEXT,
+    versions TEXT,
+    git_commit TEXT,
+    created_at REAL NOT NULL,
+    trace TEXT
+);
+CREATE TABLE IF NOT EXISTS results (
+    cell_key TEXT NOT NULL REFERENCES cells(cell_key) ON DELETE CASCADE,
+    task TEXT NOT NULL,
+    split TEXT NOT NULL,
+    accuracy REAL NOT NULL,
+    PRIMARY KEY (cell_key, task, split)
+);
+CREATE VIEW IF NOT EXISTS rows AS
+    SELECT c.cell_key, c.suite, c.model, c.method, c.seed, r.task, r.split, r.accuracy,
+           r.rowid AS position,
+           c.data_access, c.hparams, c.config, c.steps, c.examples, c.wall_time_s,
+           c.peak_mem_mb, c.device, c.versions, c.git_commit, c.created_at
+    FROM results r JOIN cells c USING (cell_key) WHERE c.status = 'ok';
+"""
+
+
+@dataclass
+class CellRecord:
+    """Everything stored about one finished (or failed) cell."""
+
+    cell_key: str
+    suite: str
+    model: str
+    method: str
+    seed: int
+    config: Mapping[str, Any]
+    accuracies: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    """(task, split) -> accuracy in percent."""
+    status: str = "ok"
+    error: str | None = None
+    data_access: str | None = None
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+    steps: int | None = None
+    examples: int | None = None
+    wall_time_s: float | None = None
+    peak_mem_mb: float | None = None
+    device: str | None = None
+    versions: Mapping[str, str] = field(default_factory=dict)
+    git_commit: str | None = None
+    trace: list | None = None
+
+
+class ResultStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=60)
+        con.execute("PRAGMA foreign_keys = ON")
+        return con
+
+    def done(self, cell_key: str) -> bool:
+        """True if the cell finished successfully (failed cells are retried)."""
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT 1 FROM cells WHERE cell_key = ? AND status = 'ok'", (cell_key,)
+            ).fetchone()
+        return row is not None
+
+    def write(self, record: CellRecord) -> None:
+        """Replace the cell and all its rows atomically."""
+        con = self._connect()
+        try:
+            with con:
+                con.execute("DELETE FROM results WHERE cell_key = ?", (record.cell_key,))
+                con.execute("DELETE FROM cells WHERE cell_key = ?", (record.cell_key,))
+                con.execute(
+                    "INSERT INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        record.cell_key,
+                        record.suite,
+                        record.model,
+                        record.method,
+                        record.seed,
+                        record.status,
+                        record.error,
+                        record.data_access,
+                        json.dumps(record.hparams, sort_keys=True),
+                        json.dumps(record.config, sort_keys=True, default=str),
+                        record.steps,
+                        record.examples,
+                        record.wall_time_s,
+                        record.peak_mem_mb,
+                        record.device,
+                        json.dumps(record.versions, sort_keys=True),
+                        record.git_commit,
+                        time.time(),
+                        None if record.trace is None else json.dumps(record.trace),
+                    ),
+                )
+                con.executemany(
+                    "INSERT INTO results VALUES (?,?,?,?)",
+                    [(record.cell_key, t, s, float(a)) for (t, s), a in record.accuracies.items()],
+                )
+        finally:
+            con.close()
+
+    def frame(self, split: str = "test", **where: Any) -> pd.DataFrame:
+        """Successful rows of one split as a DataFrame, filtered by column equality."""
+        clauses = ["split = ?"] + [f"{k} = ?" for k in where]
+        query = f"SELECT * FROM rows WHERE {' AND '.join(clauses)} ORDER BY created_at, position"
+        with self._connect() as con:
+            return pd.read_sql_query(query, con, params=[split, *where.values()])
+
+    def cells(self, statuses: Iterable[str] = ("ok", "failed")) -> pd.DataFrame:
+        marks = ",".join("?" * len(tuple(statuses)))
+        with self._connect() as con:
+            return pd.read_sql_query(
+                f"SELECT * FROM cells WHERE status IN ({marks}) ORDER BY created_at",
+                con,
+                params=list(statuses),
+            )

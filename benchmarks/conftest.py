@@ -1,0 +1,1 @@
+"""pytest-benchmark suite: ``pytest benchmarks --benchmark-enable`` (or ``tox -e bench``)."""

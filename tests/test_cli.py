@@ -1,0 +1,89 @@
+"""The command line, end to end on the tiny ``vit-micro`` config of digits8."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from click.testing import CliRunner
+
+from atmbench.cli import cli
+
+TINY = ["--model", "vit-micro", "--quiet"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_help_lists_the_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("run", "list", "leaderboard"):
+        assert command in result.output
+
+
+def test_list_shows_sources():
+    result = invoke("list")
+    assert result.exit_code == 0
+    assert "ta " in result.output and "atmbench 0.1.0 (ta)" in result.output
+    assert "digits8" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "nope"], "unknown method 'nope' (valid: "),
+        (["--suite", "nope"], "unknown suite 'nope' (valid: digits8"),
+        (["--model", "vit-huge"], "unknown model 'vit-huge' for suite 'digits8' (valid: vit-tiny"),
+        (["--methods", "ta:lam=-1"], "lam=-1 is invalid: expected a float in [0.0, inf]"),
+        (["--methods", "ta:alpha=1"], "ta has no hyperparameter 'alpha' (valid: lam)"),
+        (["--seeds", "a"], "is not a comma-separated list of integers"),
+    ],
+)
+def test_bad_input_is_one_line_error(args, message, home):
+    result = CliRunner().invoke(cli, ["run", *args])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (home / "experts").exists()
+
+
+def test_dry_run_prints_the_grid(home):
+    result = invoke("run", *TINY, "--methods", "ta,average", "--seeds", "0,1", "--dry-run")
+    assert result.exit_code == 0
+    lines = [line for line in result.output.splitlines() if "digits8" in line]
+    assert len(lines) == 8  # (pretrained, experts, ta, average) x 2 seeds
+    assert all("to run" in line for line in lines)
+    assert not (home / "experts").exists()
+
+
+def test_run_then_rerun_reuses_everything(use_shared_home):
+    first = invoke("run", *TINY, "--methods", "average,ta:lam=0.3")
+    assert first.exit_code == 0, first.output
+    table = first.output
+    assert "| pretrained" in table and "| experts" in table and "| ta:lam=0.3" in table
+    assert "norm. avg" in table
+    second = invoke("run", *TINY, "--methods", "average,ta:lam=0.3")
+    assert second.exit_code == 0
+    assert "0 cell(s) run, 4 reused from the store" in second.output
+    with sqlite3.connect(use_shared_home / "results.sqlite") as con:
+        rows = con.execute(
+            "SELECT COUNT(*) FROM rows WHERE method = 'ta:lam=0.3' AND split = 'test'"
+        ).fetchone()[0]
+    assert rows == 8  # one per task
+
+
+def test_leaderboard_writes_markdown(use_shared_home, tmp_path):
+    assert invoke("run", *TINY, "--methods", "average").exit_code == 0
+    result = invoke("leaderboard", "--out", str(tmp_path / "lb"))
+    assert result.exit_code == 0
+    text = (tmp_path / "lb" / "digits8-vit-micro.md").read_text()
+    assert text.startswith("## digits8 / vit-micro")
+    assert "| average" in text
+
+
+def test_leaderboard_without_results_is_a_clear_error(home):
+    result = CliRunner().invoke(cli, ["leaderboard"])
+    assert result.exit_code != 0
+    assert "no results stored yet" in result.output
