@@ -7,10 +7,11 @@ Experts, ATM's tuning steps and the multi-task reference all train through
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -65,7 +66,7 @@ def _lr_lambda(recipe: Recipe, total: int):
 
 
 def _batches(dataset: Dataset, recipe: Recipe, seed: int, device: torch.device):
-    """Endless shuffled batches; the order is fixed by ``seed`` alone."""
+    """Endless shuffled batches moved to ``device``; the order is fixed by ``seed`` alone."""
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         dataset,
@@ -77,8 +78,47 @@ def _batches(dataset: Dataset, recipe: Recipe, seed: int, device: torch.device):
         drop_last=len(dataset) > recipe.batch_size,
     )
     while True:
-        for images, labels in loader:
-            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        for batch in loader:
+            yield [t.to(device, non_blocking=True) for t in batch]
+
+
+LossFn = Callable[[nn.Module, list[Tensor]], Tensor]
+"""``loss_fn(encoder, batch) -> mean loss``; ``batch[1]`` holds the labels."""
+
+
+def train(
+    encoder: nn.Module,
+    loss_fn: LossFn,
+    dataset: Dataset,
+    recipe: Recipe,
+    seed: int,
+    steps: int,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainStats:
+    """The optimisation loop every kind of training shares: AdamW, schedule, clipping, AMP."""
+    device = next(encoder.parameters()).device
+    encoder.train()
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe, steps))
+    stats = TrainStats()
+    torch.manual_seed(seed)
+    batches = _batches(dataset, recipe, seed, device)
+    for _ in tqdm(range(steps), desc=desc, leave=False, disable=not progress):
+        batch = next(batches)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(encoder, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.grad_clip:
+            nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        stats.steps += 1
+        stats.examples += len(batch[1])
+    encoder.eval()
+    return stats
 
 
 def finetune(
@@ -96,34 +136,14 @@ def finetune(
     ``epochs`` overrides the recipe's (ATM spends the budget in slices). A fresh AdamW
     is made each call, as in ATM's official code.
     """
-    device = next(encoder.parameters()).device
-    model = Classifier(encoder, head).train()
+    model = Classifier(encoder, head)
+
+    def loss_fn(_: nn.Module, batch: list[Tensor]) -> Tensor:
+        images, labels = batch
+        return nn.functional.cross_entropy(model(images).float(), labels)
+
     steps = recipe.steps(len(dataset), epochs)
-    params = [p for p in encoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe, steps))
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
-    stats = TrainStats()
-    torch.manual_seed(seed)
-    batches = _batches(dataset, recipe, seed, device)
-    for _ in tqdm(range(steps), desc=desc, leave=False, disable=not progress):
-        images, labels = next(batches)
-        if amp is not None:
-            with amp:
-                logits = model(images)
-        else:
-            logits = model(images)
-        loss = nn.functional.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if recipe.grad_clip:
-            nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        stats.steps += 1
-        stats.examples += len(labels)
-    model.eval()
-    return stats
+    return train(encoder, loss_fn, dataset, recipe, seed, steps, desc, progress)
 
 
 def task_vector(tuned: dict, base: dict) -> dict:

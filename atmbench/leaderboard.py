@@ -48,7 +48,7 @@ def table(frame: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
     mean, std, count = grouped.mean(), grouped.std(ddof=1), grouped.size()
     methods = [m for m in mean.sort_values(AVG, ascending=False).index if m not in REFERENCES]
     order = [m for m in ("pretrained",) if m in mean.index] + methods
-    order += [m for m in ("experts",) if m in mean.index]
+    order += [m for m in ("mtl", "experts") if m in mean.index]
     mean, std = mean.loc[order], std.loc[order]
     mean.attrs.update(std=std, seeds=count.loc[order])
     return mean

@@ -24,6 +24,7 @@ from atmbench.evaluate import accuracy
 from atmbench.experts import Experts, ensure_experts
 from atmbench.finetune import TrainStats
 from atmbench.method import DATA_ACCESS, MergeMethod, combine, merged_task_vector
+from atmbench.mtl import ensure_mtl
 from atmbench.provenance import device_name, git_commit, peak_memory_mb, versions
 from atmbench.refiner import RefineRequest
 from atmbench.spec import REFERENCES, Cell, MethodSpec, describe, parse_spec
@@ -36,7 +37,7 @@ def plan(suite: str, model: str | None, specs: Sequence[str], seeds: Sequence[in
     suite_obj = registry.get_suite(suite)
     model = suite_obj.check_model(model or suite_obj.models[0])
     methods, refiners = registry.methods(), registry.refiners()
-    parsed = [parse_spec(s, methods, refiners) for s in specs]
+    parsed = [parse_spec(s, methods, refiners) for s in specs if s not in REFERENCES]
     cells = []
     for seed in seeds:
         base = {"suite_version": suite_obj.version}
@@ -136,6 +137,11 @@ def _references(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
     base = bench.base_state()
     if cell.spec == "pretrained":
         return Outcome(evaluate_splits(bench, base), {}, "none", TrainStats())
+    if cell.spec == "mtl":
+        path, spent = ensure_mtl(ws.home, bench, cell.seed, ws.progress)
+        return Outcome(
+            evaluate_splits(bench, combine(base, load_entry(path.parent))), {}, "train", spent
+        )
     experts = ws.experts(bench, cell.seed)
     accs = {}
     for task in bench.tasks:

@@ -18,8 +18,9 @@ from atmbench.hparams import HParamError, resolve
 from atmbench.method import MergeMethod
 from atmbench.refiner import Refiner
 
-REFERENCES = ("pretrained", "experts")
-"""Reference rows computed for every (suite, model, seed): the lower and upper bounds."""
+REFERENCES = ("pretrained", "experts", "mtl")
+"""Reference rows computed for every (suite, model, seed): the pretrained lower bound, the
+individual experts' upper bound and joint multi-task training at the experts' compute."""
 
 _KV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 

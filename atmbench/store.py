@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS results (
     accuracy REAL NOT NULL,
     PRIMARY KEY (cell_key, task, split)
 );
-CREATE VIEW IF NOT EXISTS rows AS
+DROP VIEW IF EXISTS rows;
+CREATE VIEW rows AS
     SELECT c.cell_key, c.suite, c.model, c.method, c.seed, r.task, r.split, r.accuracy,
            r.rowid AS position,
            c.data_access, c.hparams, c.config, c.steps, c.examples, c.wall_time_s,

@@ -53,7 +53,7 @@ def test_dry_run_prints_the_grid(home):
     result = invoke("run", *TINY, "--methods", "ta,average", "--seeds", "0,1", "--dry-run")
     assert result.exit_code == 0
     lines = [line for line in result.output.splitlines() if "digits8" in line]
-    assert len(lines) == 8  # (pretrained, experts, ta, average) x 2 seeds
+    assert len(lines) == 10  # (pretrained, experts, mtl, ta, average) x 2 seeds
     assert all("to run" in line for line in lines)
     assert not (home / "experts").exists()
 
@@ -66,7 +66,7 @@ def test_run_then_rerun_reuses_everything(use_shared_home):
     assert "norm. avg" in table
     second = invoke("run", *TINY, "--methods", "average,ta:lam=0.3")
     assert second.exit_code == 0
-    assert "0 cell(s) run, 4 reused from the store" in second.output
+    assert "0 cell(s) run, 5 reused from the store" in second.output
     with sqlite3.connect(use_shared_home / "results.sqlite") as con:
         rows = con.execute(
             "SELECT COUNT(*) FROM rows WHERE method = 'ta:lam=0.3' AND split = 'test'"
