@@ -127,6 +127,7 @@ class Outcome:
     data_access: str
     stats: TrainStats
     trace: list | None = None
+    merge_time_s: float | None = None
 
 
 def _max_access(*levels: str | None) -> str:
@@ -159,11 +160,12 @@ def select_on_validation(
     vectors,
     seed: int,
     stats: Mapping[str, Mapping[str, Tensor]] | None = None,
-) -> tuple[dict[str, Tensor], dict[str, Any], bool]:
+) -> tuple[dict[str, Tensor], dict[str, Any], bool, float]:
     """Merge with every candidate of the search space; keep the best mean validation accuracy.
 
     The scale coefficient is swept on one merged task vector per other-hyperparameter
-    combination. Returns (state, chosen hyperparameters, whether anything was searched).
+    combination. Returns (state, chosen hyperparameters, whether anything was searched,
+    seconds spent merging).
     """
     scale = method.scale
     if scale is None:
@@ -175,18 +177,21 @@ def select_on_validation(
     combos = hp.grid(method.hparams, fixed)
     searched = len(combos) * len(scales) > 1
     best: tuple[float, dict, dict] | None = None
+    merge_time = 0.0
     for combo in combos:
+        started = time.perf_counter()
         delta = merged_task_vector(method, base, vectors, combo, seed, stats)
+        merge_time += time.perf_counter() - started
         for value in scales:
             state = combine(base, delta, value)
             chosen = dict(combo, **({scale.name: value} if scale else {}))
             if not searched:
-                return state, chosen, False
+                return state, chosen, False, merge_time
             score = fmean(evaluate_state(bench, state, "val").values())
             if best is None or score > best[0]:
                 best = (score, state, chosen)
     assert best is not None
-    return best[1], best[2], True
+    return best[1], best[2], True, merge_time
 
 
 def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
@@ -194,7 +199,7 @@ def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
     assert isinstance(spec, MethodSpec)
     methods, refiners = registry.methods(), registry.refiners()
     base = bench.base_state()
-    stats, chosen, access, trace = TrainStats(), {}, "none", None
+    stats, chosen, access, trace, merge_time = TrainStats(), {}, "none", None, None
     method = None
     state = base
     if spec.method:
@@ -202,7 +207,7 @@ def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
         experts = ws.experts(bench, cell.seed)
         stats += experts.total()
         data_stats = ws.statistics(bench, cell.seed, method.needs) if method.needs else None
-        state, chosen, searched = select_on_validation(
+        state, chosen, searched, merge_time = select_on_validation(
             bench, method, spec.method.fixed, base, experts.vectors(), cell.seed, data_stats
         )
         access = _max_access(method.data, "validation" if searched else None)
@@ -225,7 +230,7 @@ def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
         for task_stats in result.stats.values():
             stats += task_stats
         access = _max_access(access, refiner.data_from_base if from_base else refiner.data)
-    return Outcome(evaluate_splits(bench, state), chosen, access, stats, trace)
+    return Outcome(evaluate_splits(bench, state), chosen, access, stats, trace, merge_time)
 
 
 def execute(cell: Cell, ws: Workspace) -> CellRecord:
@@ -247,6 +252,7 @@ def execute(cell: Cell, ws: Workspace) -> CellRecord:
         record.hparams = outcome.hparams
         record.data_access = outcome.data_access
         record.steps, record.examples = outcome.stats.steps, outcome.stats.examples
+        record.merge_time_s = outcome.merge_time_s
         record.trace = outcome.trace
     record.wall_time_s = time.perf_counter() - started
     record.peak_mem_mb = peak_memory_mb(ws.device)

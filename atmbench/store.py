@@ -18,28 +18,30 @@ from typing import Any
 
 import pandas as pd
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS cells (
-    cell_key TEXT PRIMARY KEY,
-    suite TEXT NOT NULL,
-    model TEXT NOT NULL,
-    method TEXT NOT NULL,
-    seed INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    error TEXT,
-    data_access TEXT,
-    hparams TEXT,
-    config TEXT NOT NULL,
-    steps INTEGER,
-    examples INTEGER,
-    wall_time_s REAL,
-    peak_mem_mb REAL,
-    device TEXT,
-    versions TEXT,
-    git_commit TEXT,
-    created_at REAL NOT NULL,
-    trace TEXT
-);
+CELL_COLUMNS = {
+    "cell_key": "TEXT PRIMARY KEY",
+    "suite": "TEXT NOT NULL",
+    "model": "TEXT NOT NULL",
+    "method": "TEXT NOT NULL",
+    "seed": "INTEGER NOT NULL",
+    "status": "TEXT NOT NULL",
+    "error": "TEXT",
+    "data_access": "TEXT",
+    "hparams": "TEXT",
+    "config": "TEXT NOT NULL",
+    "steps": "INTEGER",
+    "examples": "INTEGER",
+    "merge_time_s": "REAL",
+    "wall_time_s": "REAL",
+    "peak_mem_mb": "REAL",
+    "device": "TEXT",
+    "versions": "TEXT",
+    "git_commit": "TEXT",
+    "created_at": "REAL NOT NULL",
+    "trace": "TEXT",
+}
+TABLES = f"""
+CREATE TABLE IF NOT EXISTS cells ({", ".join(f"{k} {v}" for k, v in CELL_COLUMNS.items())});
 CREATE TABLE IF NOT EXISTS results (
     cell_key TEXT NOT NULL REFERENCES cells(cell_key) ON DELETE CASCADE,
     task TEXT NOT NULL,
@@ -47,12 +49,14 @@ CREATE TABLE IF NOT EXISTS results (
     accuracy REAL NOT NULL,
     PRIMARY KEY (cell_key, task, split)
 );
+"""
+VIEW = """
 DROP VIEW IF EXISTS rows;
 CREATE VIEW rows AS
     SELECT c.cell_key, c.suite, c.model, c.method, c.seed, r.task, r.split, r.accuracy,
            r.rowid AS position,
-           c.data_access, c.hparams, c.config, c.steps, c.examples, c.wall_time_s,
-           c.peak_mem_mb, c.device, c.versions, c.git_commit, c.created_at
+           c.data_access, c.hparams, c.config, c.steps, c.examples, c.merge_time_s,
+           c.wall_time_s, c.peak_mem_mb, c.device, c.versions, c.git_commit, c.created_at
     FROM results r JOIN cells c USING (cell_key) WHERE c.status = 'ok';
 """
 
@@ -75,6 +79,8 @@ class CellRecord:
     hparams: Mapping[str, Any] = field(default_factory=dict)
     steps: int | None = None
     examples: int | None = None
+    merge_time_s: float | None = None
+    """Seconds spent in the merge itself (all candidates of the validation search)."""
     wall_time_s: float | None = None
     peak_mem_mb: float | None = None
     device: str | None = None
@@ -83,12 +89,43 @@ class CellRecord:
     trace: list | None = None
 
 
+def _cell_columns(record: CellRecord) -> dict[str, Any]:
+    """Column -> value of a record's ``cells`` row (JSON for the structured fields)."""
+    return {
+        "cell_key": record.cell_key,
+        "suite": record.suite,
+        "model": record.model,
+        "method": record.method,
+        "seed": record.seed,
+        "status": record.status,
+        "error": record.error,
+        "data_access": record.data_access,
+        "hparams": json.dumps(record.hparams, sort_keys=True),
+        "config": json.dumps(record.config, sort_keys=True, default=str),
+        "steps": record.steps,
+        "examples": record.examples,
+        "merge_time_s": record.merge_time_s,
+        "wall_time_s": record.wall_time_s,
+        "peak_mem_mb": record.peak_mem_mb,
+        "device": record.device,
+        "versions": json.dumps(record.versions, sort_keys=True),
+        "git_commit": record.git_commit,
+        "created_at": time.time(),
+        "trace": None if record.trace is None else json.dumps(record.trace),
+    }
+
+
 class ResultStore:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as con:
-            con.executescript(SCHEMA)
+            con.executescript(TABLES)
+            have = {row[1] for row in con.execute("PRAGMA table_info(cells)")}
+            for name, kind in CELL_COLUMNS.items():
+                if name not in have:  # a store written by an older version: add as NULLs
+                    con.execute(f"ALTER TABLE cells ADD COLUMN {name} {kind.split()[0]}")
+            con.executescript(VIEW)
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=60)
@@ -110,29 +147,11 @@ class ResultStore:
             with con:
                 con.execute("DELETE FROM results WHERE cell_key = ?", (record.cell_key,))
                 con.execute("DELETE FROM cells WHERE cell_key = ?", (record.cell_key,))
+                columns = _cell_columns(record)
                 con.execute(
-                    "INSERT INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        record.cell_key,
-                        record.suite,
-                        record.model,
-                        record.method,
-                        record.seed,
-                        record.status,
-                        record.error,
-                        record.data_access,
-                        json.dumps(record.hparams, sort_keys=True),
-                        json.dumps(record.config, sort_keys=True, default=str),
-                        record.steps,
-                        record.examples,
-                        record.wall_time_s,
-                        record.peak_mem_mb,
-                        record.device,
-                        json.dumps(record.versions, sort_keys=True),
-                        record.git_commit,
-                        time.time(),
-                        None if record.trace is None else json.dumps(record.trace),
-                    ),
+                    f"INSERT INTO cells ({', '.join(columns)}) "
+                    f"VALUES ({', '.join('?' * len(columns))})",
+                    list(columns.values()),
                 )
                 con.executemany(
                     "INSERT INTO results VALUES (?,?,?,?)",

@@ -19,10 +19,13 @@ def test_each_example_is_scored_by_its_own_head():
     labels = torch.tensor([2, 1, 0, 1, 0])
     tasks = torch.tensor([0, 1, 0, 1, 1])
     loss = routed_loss(heads)(encoder, [images, labels, tasks])
-    by_hand = sum(
-        nn.functional.cross_entropy(heads[t](images[i : i + 1]), labels[i : i + 1])
-        for i, t in enumerate(tasks.tolist())
-    ) / 5
+    by_hand = (
+        sum(
+            nn.functional.cross_entropy(heads[t](images[i : i + 1]), labels[i : i + 1])
+            for i, t in enumerate(tasks.tolist())
+        )
+        / 5
+    )
     assert torch.allclose(loss, by_hand)
 
 
@@ -33,6 +36,8 @@ def test_mtl_spends_the_experts_steps_and_leaves_heads_frozen(use_shared_home):
     experts = ensure_experts(use_shared_home, bench, seed=0, progress=False)
     assert spent.steps == budget(bench) == experts.total().steps
     assert spent.examples == spent.steps * bench.recipe(bench.tasks[0]).batch_size
-    assert all(torch.equal(bench.head(t).weight, w) for t, w in zip(bench.tasks, heads_before))
+    assert all(
+        torch.equal(bench.head(t).weight, w) for t, w in zip(bench.tasks, heads_before, strict=True)
+    )
     again, _ = ensure_mtl(use_shared_home, bench, seed=0, progress=False)
     assert again == path

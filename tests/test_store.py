@@ -52,3 +52,20 @@ def test_rewrite_replaces_rows_and_failed_cells_are_not_done(tmp_path):
     store.write(_record(key="k2", status="failed"))
     assert not store.done("k2")
     assert len(store.frame()) == 2  # failed cells have no rows in the view
+
+
+def test_a_store_from_an_older_version_gains_new_columns(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as con:
+        con.execute(
+            "CREATE TABLE cells (cell_key TEXT PRIMARY KEY, suite TEXT NOT NULL, model TEXT NOT "
+            "NULL, method TEXT NOT NULL, seed INTEGER NOT NULL, status TEXT NOT NULL, "
+            "config TEXT NOT NULL, created_at REAL NOT NULL)"
+        )
+        con.execute("INSERT INTO cells VALUES ('old', 's', 'm', 'ta', 0, 'ok', '{}', 0)")
+    store = ResultStore(path)
+    store.write(_record())
+    assert store.done("old") and store.done("k1")
+    assert store.frame().iloc[0].merge_time_s is None
