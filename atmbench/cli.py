@@ -99,12 +99,53 @@ def list_command():
     help="SQLite result store (default: $ATMBENCH_HOME/results.sqlite).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option(
+    "--experts",
+    "experts_source",
+    default=None,
+    help="Import published experts instead of fine-tuning: hub:ORG/PREFIX or a folder.",
+)
+@click.option(
+    "--executor",
+    default="local",
+    show_default=True,
+    help="Where cells run: local (this process), multi-gpu (a worker per GPU), ray.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Cells at once: multi-gpu worker processes (default: one per GPU, 1 on CPU); "
+    "ray tasks in flight (default: the cluster's GPUs or CPUs).",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="Ray cluster to connect to (default: $RAY_ADDRESS, else start a local instance).",
+)
 @_friendly
-def run(suite, methods, model, seeds, dry_run, force, device, store_path, quiet):
+def run(
+    suite,
+    methods,
+    model,
+    seeds,
+    dry_run,
+    force,
+    device,
+    store_path,
+    quiet,
+    executor,
+    workers,
+    ray_address,
+    experts_source,
+):
     """Run a grid of cells and print its leaderboard."""
-    from atmbench import config, runner, spec
+    from atmbench import config, executors, runner, spec
+    from atmbench.executors.preview import dry_run_lines
     from atmbench.leaderboard import render_markdown, table
     from atmbench.store import ResultStore
+
+    execute_cells = executors.get_executor(executor)
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -112,15 +153,16 @@ def run(suite, methods, model, seeds, dry_run, force, device, store_path, quiet)
         raise click.BadParameter(
             f"{seeds!r} is not a comma-separated list of integers", param_hint="--seeds"
         ) from None
-    cells = runner.plan(suite, model, spec.split_specs(methods), seed_list)
+    cells = runner.plan(suite, model, spec.split_specs(methods), seed_list, experts_source)
     _warn_plugin_errors()
     store = ResultStore(store_path or config.default_store())
     if dry_run:
-        for cell in cells:
-            state = "done" if store.done(cell.key) else "to run"
-            click.echo(f"{cell.suite}  {cell.model}  seed={cell.seed}  {cell.method:<24} {state}")
+        for line in dry_run_lines(cells, store, config.home(), force):
+            click.echo(line)
         return
-    ws = runner.Workspace(config.home(), config.pick_device(device), progress=not quiet)
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # also silences suites' and libraries' own bars
+    options = executors.Options(config.home(), device, not quiet, workers, ray_address)
 
     def report(record):
         status = "ok" if record.status == "ok" else f"FAILED: {record.error}"
@@ -129,7 +171,17 @@ def run(suite, methods, model, seeds, dry_run, force, device, store_path, quiet)
             err=True,
         )
 
-    summary = runner.run(cells, store, ws, force=force, on_record=report)
+    try:
+        summary = executors.run_grid(
+            cells, store, execute_cells, options, force=force, on_record=report
+        )
+    except KeyboardInterrupt:
+        click.echo(
+            "\nInterrupted: finished cells are stored; run the same command again to "
+            "complete the grid.",
+            err=True,
+        )
+        sys.exit(130)
     frame = store.frame(suite=suite, model=cells[0].model)
     frame = frame[frame.cell_key.isin({c.key for c in cells})]
     if not frame.empty:
@@ -144,6 +196,140 @@ def run(suite, methods, model, seeds, dry_run, force, device, store_path, quiet)
         sys.exit(1)
 
 
+STORE_HELP = "SQLite result store (default: $ATMBENCH_HOME/results.sqlite)."
+
+
+def _leaderboard_invocation(suite, fmt, data, reported, out) -> str:
+    """The render command written atop each document (store and merges left out: they only
+    say where the cells came from, and the run command beside it recomputes them)."""
+    import shlex
+
+    args = ["atmbench", "leaderboard"]
+    args += ["--suite", suite] if suite else []
+    args += ["--format", fmt] if fmt != "md" else []
+    args += ["--data", data] if data else []
+    args += ["--reported"] if reported else []
+    args += ["--out", str(out)] if out else []
+    return shlex.join(args)
+
+
+@cli.command()
+@click.option(
+    "--store", "store_path", type=click.Path(path_type=Path), default=None, help=STORE_HELP
+)
+@click.option("--suite", default=None, help="Only this suite.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["md", "csv", "json", "latex"]),
+    default="md",
+    show_default=True,
+    help="Markdown (with PNG charts under --out), CSV, JSON or LaTeX (booktabs).",
+)
+@click.option(
+    "--data",
+    default=None,
+    help="Only methods with this data access, comma-separated from none,validation,train "
+    "(the reference rows are always shown).",
+)
+@click.option(
+    "--reported",
+    is_flag=True,
+    help="Add the papers' reported figures as a separate, cited table (md and json only).",
+)
+@click.option(
+    "--merge",
+    "merge_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="First ingest this store file or 'atmbench export' JSON (repeatable); "
+    "cells already in the store are kept.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write one file per (suite, model) into this directory.",
+)
+@_friendly
+def leaderboard(store_path, suite, fmt, data, reported, merge_files, out):
+    """Re-render leaderboard tables from stored results."""
+    from atmbench import config, exchange
+    from atmbench import reported as reported_figures
+    from atmbench.leaderboard import filter_data, publish
+    from atmbench.store import ResultStore
+
+    store = ResultStore(store_path or config.default_store())
+    for path in merge_files:
+        merged = exchange.merge(store, path)
+        click.echo(
+            f"merged {path}: {merged.added} cell(s) added, {merged.skipped} already stored",
+            err=True,
+        )
+    frame = store.frame()
+    if suite:
+        frame = frame[frame.suite == suite]
+    if data:
+        frame = filter_data(frame, [d.strip() for d in data.split(",") if d.strip()])
+    pairs = [p for p in reported_figures.pairs() if not suite or p[0] == suite] if reported else []
+    if frame.empty and not pairs:
+        raise click.ClickException("no results stored yet: run 'atmbench run' first")
+    invocation = _leaderboard_invocation(suite, fmt, data, reported, out)
+    cells = store.cells(("ok",)) if out and fmt == "md" else None
+    for path, text in publish(frame, fmt, invocation, out, pairs, cells):
+        click.echo(f"wrote {path}" if path else text)
+
+
+@cli.command()
+@click.option(
+    "--store", "store_path", type=click.Path(path_type=Path), default=None, help=STORE_HELP
+)
+@click.option("--suite", default=None, help="Only this suite.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the JSON here (default: standard output).",
+)
+@_friendly
+def export(store_path, suite, out):
+    """Export finished cells as JSON that 'atmbench leaderboard --merge' ingests."""
+    import json
+
+    from atmbench import config, exchange
+
+    path = store_path or config.default_store()
+    if not Path(path).exists():
+        raise click.ClickException(f"no result store at {path}")
+    doc = exchange.export(path, suite)
+    if not doc["cells"]:
+        which = f" for suite {suite!r}" if suite else ""
+        raise click.ClickException(f"no finished cells{which} in {path}")
+    text = json.dumps(doc, indent=1)
+    if out:
+        out.write_text(text + "\n")
+        click.echo(f"wrote {len(doc['cells'])} cell(s) to {out}", err=True)
+    else:
+        click.echo(text)
+
+
+@cli.command()
+@click.option("--suite", required=True, help="Suite to fetch, e.g. vision8.")
+@click.option("--model", default=None, help="Backbone (default: the suite's first model).")
+@_friendly
+def download(suite, model):
+    """Fetch a suite's weights and datasets now, so later runs work offline."""
+    from atmbench import config, registry
+
+    suite_obj = registry.get_suite(suite)
+    model = suite_obj.check_model(model or suite_obj.models[0])
+    if suite_obj.download is None:
+        click.echo(f"{suite} is embedded in atmbench: nothing to download.")
+        return
+    tasks = suite_obj.download(model, config.home())
+    click.echo(f"{suite} / {model}: {len(tasks)} task(s) ready under {config.home()}")
+
+
 @cli.command()
 @click.option(
     "--store",
@@ -156,27 +342,29 @@ def run(suite, methods, model, seeds, dry_run, force, device, store_path, quiet)
 @click.option(
     "--out",
     type=click.Path(path_type=Path),
-    default=None,
-    help="Write one Markdown file per (suite, model) into this directory.",
+    default=Path("analysis"),
+    show_default=True,
+    help="Directory for the PNG figures.",
 )
 @_friendly
-def leaderboard(store_path, suite, out):
-    """Re-render leaderboard tables from stored results."""
-    from atmbench import config
-    from atmbench.leaderboard import render_markdown, table
+def analyze(store_path, suite, out):
+    """ATM's per-iteration accuracy curves and task-vector cosine heat-maps, as PNG."""
+    from atmbench import analysis, config
     from atmbench.store import ResultStore
 
-    frame = ResultStore(store_path or config.default_store()).frame()
+    cells = ResultStore(store_path or config.default_store()).cells(statuses=("ok",))
     if suite:
-        frame = frame[frame.suite == suite]
-    if frame.empty:
-        raise click.ClickException("no results stored yet: run 'atmbench run' first")
-    for (suite_name, model), group in frame.groupby(["suite", "model"], sort=True):
-        text = f"## {suite_name} / {model}  (test accuracy, %)\n\n{render_markdown(table(group))}\n"
-        if out:
-            out.mkdir(parents=True, exist_ok=True)
-            path = out / f"{suite_name}-{model}.md"
-            path.write_text(text)
-            click.echo(f"wrote {path}")
-        else:
-            click.echo(text)
+        cells = cells[cells.suite == suite]
+    traced = cells[cells.trace.notna() & cells.method.str.contains("atm")]
+    if traced.empty:
+        raise click.ClickException("no ATM cells stored: run e.g. 'atmbench run --methods atm'")
+    out.mkdir(parents=True, exist_ok=True)
+    for cell in traced.itertuples():
+        trace = analysis.parse_trace(cell.trace)
+        stem = f"{cell.suite}-{cell.model}-{cell.method}-seed{cell.seed}".replace(":", "_")
+        title = f"{cell.method} on {cell.suite}/{cell.model}, seed {cell.seed}"
+        analysis.plot_accuracy(trace, out / f"{stem}-accuracy.png", title=title)
+        analysis.plot_cosines(trace, out / f"{stem}-cosines.png", title=title)
+        click.echo(f"\n## {title}\n")
+        click.echo(analysis.summary(trace).to_markdown(floatfmt=".3f"))
+        click.echo(f"\nwrote {out / stem}-accuracy.png and -cosines.png")

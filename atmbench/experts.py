@@ -6,8 +6,12 @@ that needs the same experts reads the same files, memory-mapped.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from torch import Tensor
 
 from atmbench.cache import DATA, EntryCache
 from atmbench.finetune import TrainStats, finetune, state_on_cpu, task_vector
@@ -34,29 +38,49 @@ class Experts:
         return total
 
 
-def expert_key(bench: Benchmark, task: str, seed: int) -> dict:
+def expert_key(bench: Benchmark, task: str, seed: int, source: str | None = None) -> dict:
+    """Imported experts are keyed by their source instead of our fine-tuning recipe."""
     return {
         "suite": bench.suite,
         "model": bench.model,
         "fingerprint": bench.fingerprint,
         "task": task,
         "seed": seed,
-        "recipe": bench.recipe(task).as_dict(),
+        "recipe": {"imported": source} if source else bench.recipe(task).as_dict(),
     }
+
+
+def _imported(bench: Benchmark, source: str) -> Callable[[], dict[str, dict[str, Tensor]]]:
+    """Load the published experts once, on first need, for every task at a time."""
+    if not hasattr(bench, "import_experts"):
+        raise ValueError(
+            f"suite {bench.suite!r} cannot import experts from {source!r} "
+            "(it fine-tunes its own; drop --experts)"
+        )
+    return functools.cache(lambda: bench.import_experts(source))
 
 
 def cached_expert(home: Path, bench: Benchmark, task: str, seed: int) -> bool:
     return EntryCache(Path(home) / "experts").lookup(expert_key(bench, task, seed)) is not None
 
 
-def ensure_experts(home: Path, bench: Benchmark, seed: int, progress: bool = True) -> Experts:
-    """Load every task's expert from the cache, fine-tuning the missing ones."""
+def ensure_experts(
+    home: Path, bench: Benchmark, seed: int, progress: bool = True, source: str | None = None
+) -> Experts:
+    """Load every task's expert from the cache, fine-tuning (or importing) the missing ones.
+
+    ``source`` (``hub:ORG/PREFIX`` or a folder) imports published experts instead of
+    fine-tuning; their training compute is unknown to us and recorded as 0 steps.
+    """
     cache = EntryCache(Path(home) / "experts")
     base = bench.base_state()
     files, stats, trained = {}, {}, []
+    published = _imported(bench, source) if source else None
     for task in bench.tasks:
 
         def compute(task=task):
+            if published is not None:
+                return task_vector(published()[task], base), {"steps": 0, "examples": 0}
             encoder = bench.encoder()
             spent = finetune(
                 encoder,
@@ -71,7 +95,8 @@ def ensure_experts(home: Path, bench: Benchmark, seed: int, progress: bool = Tru
             meta = {"steps": spent.steps, "examples": spent.examples}
             return task_vector(state_on_cpu(encoder), base), meta
 
-        directory, meta, _ = cache.get_or_create(expert_key(bench, task, seed), compute)
+        key = expert_key(bench, task, seed, source)
+        directory, meta, _ = cache.get_or_create(key, compute)
         files[task] = directory / DATA
         stats[task] = TrainStats(meta["steps"], meta["examples"])
     return Experts(files, stats, trained)

@@ -3,19 +3,35 @@
 One table per (suite, model): rows are methods between the pretrained (lower) and the
 individual-experts (upper) reference rows, columns are tasks, the average absolute
 accuracy and the average normalized accuracy (merged / individual expert, per task and
-seed, then averaged). With several seeds each cell reads ``mean ± std``.
+seed, then averaged). With several seeds each cell reads ``mean ± std``. Three columns
+say what a row cost, so that rows are compared on equal terms: ``data`` (what data the
+method touched), ``compute`` (optimizer steps relative to fine-tuning the experts) and
+``seeds``. Every rendering carries a :class:`Provenance` block saying how to reproduce it.
 """
 
 from __future__ import annotations
+
+import io
+import json
+import shlex
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from atmbench.method import DATA_ACCESS
 from atmbench.spec import REFERENCES
 
 AVG = "avg"
 NORM = "norm. avg"
+FORMATS = {"md": "md", "csv": "csv", "json": "json", "latex": "tex"}
+"""Output format -> file extension."""
+JSON_KIND = "atmbench-leaderboard"
 
 
 def normalized(frame: pd.DataFrame) -> pd.DataFrame:
@@ -36,11 +52,48 @@ def per_seed(frame: pd.DataFrame) -> pd.DataFrame:
     return wide
 
 
+def compute_ratio(frame: pd.DataFrame) -> pd.Series:
+    """Per method: optimizer steps / the experts' steps on the same seed, averaged over seeds.
+
+    Fine-tuning the individual experts is the unit because every merge pays it; the
+    pretrained row is 0 and a refined merge is above 1. NaN where steps were not recorded.
+    """
+    if "steps" not in frame:
+        return pd.Series(np.nan, index=pd.unique(frame.method), dtype=float)
+    steps = frame.groupby(["method", "seed"]).steps.first().astype(float)
+    experts = steps.xs("experts", level="method") if "experts" in steps.index else None
+    if experts is None:
+        return steps.groupby(level="method").mean() * np.nan
+    unit = experts.reindex(steps.index.get_level_values("seed")).to_numpy()
+    return (steps / np.where(unit > 0, unit, np.nan)).groupby(level="method").mean()
+
+
+def data_access(frame: pd.DataFrame) -> pd.Series:
+    """Per method: the data it touched (``none``/``validation``/``train``), '/'-joined if mixed."""
+    if "data_access" not in frame:
+        return pd.Series("–", index=pd.unique(frame.method))
+    return frame.groupby("method").data_access.agg(
+        lambda v: "/".join(sorted(set(v.dropna()), key=DATA_ACCESS.index)) or "–"
+    )
+
+
+def filter_data(frame: pd.DataFrame, levels: Sequence[str]) -> pd.DataFrame:
+    """Keep the methods whose data access is in ``levels``, and always the reference rows.
+
+    References stay because they bound the table and the normalized accuracy needs experts.
+    """
+    bad = [lv for lv in levels if lv not in DATA_ACCESS]
+    if bad:
+        raise ValueError(f"unknown data access {bad[0]!r} (valid: {', '.join(DATA_ACCESS)})")
+    return frame[frame.method.isin(REFERENCES) | frame.data_access.isin(list(levels))]
+
+
 def table(frame: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
     """Mean and std over seeds of :func:`per_seed`, rows ordered for reading.
 
     Order: pretrained first, experts last, the methods between by average accuracy;
-    task columns in the order the rows were stored (the suite's task order).
+    task columns in the order the rows were stored (the suite's task order). ``attrs``
+    carry the std, the number of seeds, the data access and the compute ratio per row.
     """
     wide = per_seed(frame)
     tasks = tasks or list(pd.unique(frame.task))
@@ -50,40 +103,385 @@ def table(frame: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
     order = [m for m in ("pretrained",) if m in mean.index] + methods
     order += [m for m in ("mtl", "experts") if m in mean.index]
     mean, std = mean.loc[order], std.loc[order]
-    mean.attrs.update(std=std, seeds=count.loc[order])
+    mean.attrs.update(
+        std=std,
+        seeds=count.loc[order],
+        data=data_access(frame).reindex(order),
+        compute=compute_ratio(frame).reindex(order),
+    )
     return mean
 
 
-def _fmt(mean: float, std: float, bold: bool) -> str:
-    if np.isnan(mean):
+def format_compute(ratio: float) -> str:
+    """``1.0x``; the pretrained row reads ``0x``; tiny nonzero budgets keep two digits."""
+    if np.isnan(ratio):
         return "–"
-    text = f"{mean:.1f}" if np.isnan(std) else f"{mean:.1f} ± {std:.1f}"
-    return f"**{text}**" if bold else text
+    if ratio == 0:
+        return "0x"
+    return f"{ratio:.1f}x" if ratio >= 0.05 else f"{ratio:.2g}x"
 
 
-def render_markdown(summary: pd.DataFrame) -> str:
-    """The table as GitHub Markdown; the best merged value per column in bold.
+def _fmt(mean: float, std: float, bold: bool, pm: str = "±") -> tuple[str, bool]:
+    if np.isnan(mean):
+        return "–", False
+    text = f"{mean:.1f}" if np.isnan(std) else f"{mean:.1f} {pm} {std:.1f}"
+    return text, bold
 
-    The reference rows (pretrained, experts) are never bolded: they bound, they don't compete.
+
+def _cells(summary: pd.DataFrame, pm: str = "±") -> list[tuple[str, list[tuple[str, bool]]]]:
+    """(method, [(text, bold)] per value column, then data, compute and seeds) per row.
+
+    The best merged value per column is bold; the reference rows (pretrained, experts, mtl)
+    never are: they bound, they don't compete.
     """
     std = summary.attrs.get("std", summary * np.nan)
+    seeds = summary.attrs.get("seeds", pd.Series(dtype=float))
+    data = summary.attrs.get("data", pd.Series(dtype=object))
+    compute = summary.attrs.get("compute", pd.Series(dtype=float))
     competing = [m for m in summary.index if m not in REFERENCES]
     best = summary.loc[competing].max() if competing else summary.max() * np.nan
     rows = []
     for method in summary.index:
-        cells = [
+        values = [
             _fmt(
                 summary.at[method, col],
                 std.at[method, col],
                 method in competing and summary.at[method, col] == best[col],
+                pm,
             )
             for col in summary.columns
         ]
-        rows.append([method, *cells])
+        extra = [
+            (str(data.get(method, "–")), False),
+            (format_compute(float(compute.get(method, np.nan))), False),
+            (str(seeds.get(method, "–")), False),
+        ]
+        rows.append((method, values + extra))
+    return rows
+
+
+def headers(summary: pd.DataFrame) -> list[str]:
+    return ["method", *summary.columns, "data", "compute", "seeds"]
+
+
+def render_markdown(summary: pd.DataFrame) -> str:
+    """The table as GitHub Markdown; the best merged value per column in bold."""
+    rows = [
+        [method, *(f"**{text}**" if bold else text for text, bold in cells)]
+        for method, cells in _cells(summary)
+    ]
     return tabulate(
         rows,
-        headers=["method", *summary.columns],
+        headers=headers(summary),
         tablefmt="pipe",
         disable_numparse=True,
-        colalign=("left", *["right"] * len(summary.columns)),
+        colalign=("left", *["right"] * len(summary.columns), "left", "right", "right"),
     )
+
+
+# --- provenance ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a table's numbers came from: enough to reproduce and to judge them."""
+
+    command: str
+    """``atmbench run ...`` that recomputes every cell of the table."""
+    atmbench: tuple[str, ...]
+    git_commits: tuple[str, ...]
+    packages: dict[str, tuple[str, ...]]
+    devices: tuple[str, ...]
+    dates: tuple[str, str]
+    """First and last cell's creation time (UTC)."""
+    seeds: tuple[int, ...]
+
+
+def _unique(values) -> tuple:
+    return tuple(sorted({v for v in values if isinstance(v, str | int) and v != ""}))
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def run_command(frame: pd.DataFrame) -> str:
+    """The ``atmbench run`` invocation that recomputes the cells of one (suite, model)."""
+    suite, model = frame.suite.iloc[0], frame.model.iloc[0]
+    methods = [m for m in pd.unique(frame.method) if m not in REFERENCES]
+    seeds = ",".join(str(s) for s in sorted(pd.unique(frame.seed)))
+    args = ["atmbench", "run", "--suite", suite, "--model", model]
+    args += ["--methods", ",".join(methods), "--seeds", seeds]
+    return shlex.join(args)
+
+
+def provenance(frame: pd.DataFrame) -> Provenance:
+    """Provenance of one (suite, model) frame of store rows (one row per cell and task)."""
+    cells = frame.drop_duplicates("cell_key") if "cell_key" in frame else frame
+    versions = [json.loads(v) for v in cells.get("versions", pd.Series(dtype=str)).dropna()]
+    packages = {
+        name: _unique(v.get(name) for v in versions)
+        for name in sorted({k for v in versions for k in v})
+    }
+    created = cells.get("created_at", pd.Series(dtype=float)).dropna()
+    dates = (_utc(created.min()), _utc(created.max())) if len(created) else ("–", "–")
+    return Provenance(
+        command=run_command(frame),
+        atmbench=packages.pop("atmbench", ()),
+        git_commits=_unique(cells.get("git_commit", pd.Series(dtype=str))),
+        packages=packages,
+        devices=_unique(cells.get("device", pd.Series(dtype=str))),
+        dates=dates,
+        seeds=tuple(int(s) for s in sorted(pd.unique(cells.seed))),
+    )
+
+
+def provenance_lines(prov: Provenance) -> list[tuple[str, str]]:
+    """(label, value) pairs: the same block in every format."""
+
+    def join(values: Sequence, sep: str = ", ") -> str:
+        return sep.join(str(v) for v in values) or "unknown"
+
+    packages = ", ".join(f"{name} {' / '.join(v)}" for name, v in prov.packages.items())
+    return [
+        ("reproduce", prov.command),
+        ("atmbench", join(prov.atmbench, " / ")),
+        ("git commit", join(prov.git_commits)),
+        ("packages", packages or "unknown"),
+        ("device", join(prov.devices, "; ")),
+        ("date", prov.dates[0] if prov.dates[0] == prov.dates[1] else " – ".join(prov.dates)),
+        ("seeds", join(prov.seeds)),
+    ]
+
+
+# --- documents ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Board:
+    """One (suite, model) table ready to render in any format."""
+
+    suite: str
+    model: str
+    summary: pd.DataFrame
+    provenance: Provenance
+    produced_by: str
+    """The full command line that produced the document (its first line)."""
+
+    @property
+    def title(self) -> str:
+        return f"{self.suite} / {self.model}  (test accuracy, %)"
+
+    @property
+    def stem(self) -> str:
+        return f"{self.suite}-{self.model}"
+
+
+def board(frame: pd.DataFrame, produced_by: str) -> Board:
+    """The board of one (suite, model) frame of store rows."""
+    return Board(
+        frame.suite.iloc[0], frame.model.iloc[0], table(frame), provenance(frame), produced_by
+    )
+
+
+def markdown_document(b: Board, images: Sequence[tuple[str, str]] = (), extra: str = "") -> str:
+    """Produced-by line, title, table, plots (alt text, file name), provenance, ``extra``."""
+    parts = [
+        f"Produced by: `{b.produced_by}`",
+        f"## {b.title}",
+        render_markdown(b.summary),
+        "Columns: tasks, `avg` = mean absolute accuracy, `norm. avg` = mean of merged / "
+        "individual expert per task; mean ± std over `seeds`; **bold** = best merged value; "
+        "`data` = data the method touched; `compute` = optimizer steps / fine-tuning the experts.",
+        *(f"![{alt}]({name})" for alt, name in images),
+        "### Provenance\n\n"
+        + "\n".join(f"- {label}: `{value}`" for label, value in provenance_lines(b.provenance)),
+    ]
+    if extra:
+        parts.append(extra)
+    return "\n\n".join(parts) + "\n"
+
+
+def _comment_block(b: Board, prefix: str) -> str:
+    lines = [f"produced by: {b.produced_by}", b.title]
+    lines += [f"{label}: {value}" for label, value in provenance_lines(b.provenance)]
+    return "".join(f"{prefix} {line}\n" for line in lines)
+
+
+def render_csv(b: Board) -> str:
+    """Provenance as ``#`` comment lines, then one row per method; std columns beside means.
+
+    ``pandas.read_csv(path, comment="#")`` reads it back.
+    """
+    s = b.summary
+    out = pd.DataFrame(index=s.index)
+    for col in s.columns:
+        out[col] = s[col].round(4)
+        out[f"{col} std"] = s.attrs["std"][col].round(4)
+    out["data"] = s.attrs["data"]
+    out["compute"] = s.attrs["compute"].round(4)
+    out["seeds"] = s.attrs["seeds"]
+    buffer = io.StringIO()
+    out.rename_axis("method").to_csv(buffer, lineterminator="\n")
+    return _comment_block(b, "#") + buffer.getvalue()
+
+
+def _number(value: float) -> float | None:
+    return None if np.isnan(value) else round(float(value), 4)
+
+
+def json_document(b: Board, reported: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The table as plain data; reported figures only under their own key."""
+    s = b.summary
+    rows = [
+        {
+            "method": method,
+            "mean": {col: _number(s.at[method, col]) for col in s.columns},
+            "std": {col: _number(s.attrs["std"].at[method, col]) for col in s.columns},
+            "data": s.attrs["data"].get(method),
+            "compute": _number(float(s.attrs["compute"].get(method, np.nan))),
+            "seeds": int(s.attrs["seeds"].get(method)),
+        }
+        for method in s.index
+    ]
+    doc = {
+        "kind": JSON_KIND,
+        "suite": b.suite,
+        "model": b.model,
+        "metric": "test accuracy (%)",
+        "produced_by": b.produced_by,
+        "columns": list(s.columns),
+        "rows": rows,
+        "provenance": asdict(b.provenance),
+    }
+    if reported:
+        doc["reported_not_measured"] = list(reported)
+    return doc
+
+
+_LATEX_ESCAPES = {c: "\\" + c for c in "&%$#_{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_ESCAPES.get(c, c) for c in text)
+
+
+def render_latex(b: Board) -> str:
+    """A booktabs table (``\\usepackage{booktabs}``); rules set the reference rows apart."""
+    s = b.summary
+    head = " & ".join(latex_escape(h) for h in headers(s)) + r" \\"
+    lines = [
+        _comment_block(b, "%").rstrip("\n"),
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{latex_escape(b.suite)} / {latex_escape(b.model)}: test accuracy (\%), "
+        r"mean $\pm$ std over seeds; best merged value in bold.}",
+        r"\begin{tabular}{l" + "r" * len(s.columns) + "lrr}",
+        r"\toprule",
+        head,
+        r"\midrule",
+    ]
+    previous = None
+    for method, cells in _cells(s, pm=r"$\pm$"):
+        group = "pretrained" if method == "pretrained" else method in REFERENCES
+        if previous is not None and group != previous:
+            lines.append(r"\midrule")
+        previous = group
+        texts = [rf"\textbf{{{t}}}" if bold else t for t, bold in cells]
+        lines.append(" & ".join([latex_escape(method), *texts]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+# --- publishing ---------------------------------------------------------------------------
+
+
+def _reported_only(suite: str, model: str, fmt: str, produced_by: str) -> str:
+    from atmbench import reported
+
+    if fmt == "json":
+        doc = {"kind": "atmbench-reported", "suite": suite, "model": model}
+        return json.dumps(dict(doc, reported_not_measured=reported.as_dicts(suite, model)))
+    return f"Produced by: `{produced_by}`\n\n{reported.render_markdown(suite, model)}\n"
+
+
+def _plots(b: Board, out: Path, curves: dict[str, list[float]]) -> list[tuple[str, str]]:
+    """Write the board's charts into ``out``; (alt text, file name) for the Markdown links."""
+    from atmbench import plots
+
+    columns = [c for c in b.summary.columns if c != NORM]
+    bars = plots.task_bars(b.summary, columns, out / f"{b.stem}.png", b.title)
+    images = [(f"{b.suite} / {b.model}: test accuracy per task and method", bars.name)]
+    if curves:
+        path = plots.atm_curves(curves, out / f"{b.stem}-atm.png", f"{b.suite} / {b.model}")
+        images.append((f"{b.suite} / {b.model}: ATM test accuracy per iteration", path.name))
+    return images
+
+
+def _curves(cells: pd.DataFrame | None, suite: str, model: str) -> dict[str, list[float]]:
+    """ATM-style accuracy curves from the stored traces of one (suite, model)."""
+    from atmbench import plots
+
+    if cells is None or cells.empty:
+        return {}
+    mine = cells[(cells.suite == suite) & (cells.model == model) & cells.trace.notna()]
+    traces: dict[str, list] = {}
+    for method, text in zip(mine.method, mine.trace, strict=True):
+        trace = json.loads(text)
+        if isinstance(trace, list) and any("accuracy" in r for r in trace):
+            traces.setdefault(method, []).append(trace)
+    return plots.trace_curves(traces)
+
+
+def publish(
+    frame: pd.DataFrame,
+    fmt: str,
+    invocation: str,
+    out: Path | None = None,
+    reported_pairs: Sequence[tuple[str, str]] = (),
+    cells: pd.DataFrame | None = None,
+) -> list[tuple[Path | None, str]]:
+    """Render every (suite, model) of ``frame``: (file written or None, text) per document.
+
+    With ``out`` each table goes to ``<suite>-<model>.<ext>`` there and a Markdown table gets
+    its PNG charts beside it (ATM curves from the traces in ``cells``, the store's cells
+    table). ``reported_pairs`` get a separate "reported, not measured" table, appended to
+    their measured document or alone in ``<suite>-<model>-reported.<ext>``. Without ``out``,
+    JSON tables are returned as one list.
+    """
+    from atmbench import reported
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r} (valid: {', '.join(FORMATS)})")
+    if reported_pairs and fmt not in ("md", "json"):
+        raise ValueError(f"reported figures render as md or json, not {fmt!r}")
+    texts: list[tuple[str, str]] = []
+    measured = set()
+    for (suite, model), group in frame.groupby(["suite", "model"], sort=True):
+        measured.add((suite, model))
+        b = board(group, f"{run_command(group)} && {invocation}")
+        cited = (suite, model) in reported_pairs
+        if fmt == "md":
+            images = _plots(b, out, _curves(cells, suite, model)) if out else []
+            extra = reported.render_markdown(suite, model) if cited else ""
+            texts.append((f"{b.stem}.md", markdown_document(b, images, extra)))
+        elif fmt == "json":
+            doc = json_document(b, reported.as_dicts(suite, model) if cited else ())
+            texts.append((f"{b.stem}.json", json.dumps(doc, indent=2, ensure_ascii=False)))
+        else:
+            render = render_csv if fmt == "csv" else render_latex
+            texts.append((f"{b.stem}.{FORMATS[fmt]}", render(b)))
+    for suite, model in reported_pairs:
+        if (suite, model) not in measured:
+            name = f"{suite}-{model}-reported.{FORMATS[fmt]}"
+            texts.append((name, _reported_only(suite, model, fmt, invocation)))
+    if out is None:
+        if fmt == "json":
+            return [(None, "[" + ",\n".join(t for _, t in texts) + "]")]
+        return [(None, text) for _, text in texts]
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in texts:
+        (out / name).write_text(text if text.endswith("\n") else text + "\n")
+        written.append((out / name, text))
+    return written

@@ -16,7 +16,7 @@ from atmbench.suite import Benchmark
 
 @dataclass
 class RefineRequest:
-    """What a refiner gets. ``method`` is ``None`` when it starts from the base (``atm``)."""
+    """What a refiner gets. ``method`` is ``None`` unless a merge method produced ``start``."""
 
     benchmark: Benchmark
     base: dict[str, Tensor]
@@ -26,6 +26,9 @@ class RefineRequest:
     hparams: Mapping[str, Any]
     seed: int
     progress: bool = True
+    from_base: bool = False
+    """True when the refiner is the whole method (``atm`` alone): start from θ0, read
+    its ``data_from_base`` split; False when it refines ``start`` (``METHOD+atm``)."""
 
 
 @dataclass

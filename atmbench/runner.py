@@ -6,6 +6,7 @@ processes; results go to the :class:`~atmbench.store.ResultStore` one cell at a 
 
 from __future__ import annotations
 
+import functools
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,8 +33,18 @@ from atmbench.store import CellRecord, ResultStore
 from atmbench.suite import Benchmark
 
 
-def plan(suite: str, model: str | None, specs: Sequence[str], seeds: Sequence[int]) -> list[Cell]:
-    """The grid: reference cells then method cells, per seed. Validates every name first."""
+def plan(
+    suite: str,
+    model: str | None,
+    specs: Sequence[str],
+    seeds: Sequence[int],
+    experts: str | None = None,
+) -> list[Cell]:
+    """The grid: reference cells then method cells, per seed. Validates every name first.
+
+    ``experts`` names published experts to import instead of fine-tuning; it becomes part
+    of the identity of every cell that uses experts.
+    """
     suite_obj = registry.get_suite(suite)
     model = suite_obj.check_model(model or suite_obj.models[0])
     methods, refiners = registry.methods(), registry.refiners()
@@ -41,9 +52,15 @@ def plan(suite: str, model: str | None, specs: Sequence[str], seeds: Sequence[in
     cells = []
     for seed in seeds:
         base = {"suite_version": suite_obj.version}
-        cells += [Cell(suite, model, ref, seed, base) for ref in REFERENCES]
+        imported = dict(base, experts=experts) if experts else base
+        cells += [
+            Cell(suite, model, r, seed, imported if r == "experts" else base) for r in REFERENCES
+        ]
         for spec in parsed:
-            identity = dict(base, **_spec_identity(spec, methods, refiners))
+            uses_experts = spec.method is not None
+            identity = dict(
+                imported if uses_experts else base, **_spec_identity(spec, methods, refiners)
+            )
             cells.append(Cell(suite, model, spec, seed, identity))
     return list({c.key: c for c in cells}.values())
 
@@ -77,6 +94,7 @@ class Workspace:
     progress: bool = True
     _benchmarks: dict = field(default_factory=dict)
     _experts: dict = field(default_factory=dict)
+    _statistics: dict = field(default_factory=dict)
 
     def benchmark(self, suite: str, model: str) -> Benchmark:
         if (suite, model) not in self._benchmarks:
@@ -84,25 +102,29 @@ class Workspace:
             self._benchmarks[suite, model] = loader(model, self.home, self.device)
         return self._benchmarks[suite, model]
 
-    def experts(self, bench: Benchmark, seed: int) -> Experts:
-        key = (bench.suite, bench.model, seed)
+    def experts(self, bench: Benchmark, seed: int, source: str | None = None) -> Experts:
+        key = (bench.suite, bench.model, seed, source)
         if key not in self._experts:
-            self._experts[key] = ensure_experts(self.home, bench, seed, self.progress)
+            self._experts[key] = ensure_experts(self.home, bench, seed, self.progress, source)
         return self._experts[key]
 
     def statistics(
-        self, bench: Benchmark, seed: int, names: Sequence[str]
+        self, bench: Benchmark, seed: int, names: Sequence[str], source: str | None = None
     ) -> dict[str, dict[str, Tensor]]:
         """name -> parameter -> statistic stacked over tasks, each from the task's expert."""
-        experts, base = self.experts(bench, seed), bench.base_state()
-        out: dict[str, dict[str, Tensor]] = {}
+        experts, base = self.experts(bench, seed, source), bench.base_state()
         for name in names:
+            key = (bench.suite, bench.model, seed, source, name)
+            if key in self._statistics:
+                continue
             per_task = []
             for task in bench.tasks:
                 encoder = bench.encoder(combine(base, load_entry(experts.files[task].parent)))
                 per_task.append(statistics.compute(name, bench, encoder, task, seed))
-            out[name] = {k: torch.stack([s[k] for s in per_task]) for k in per_task[0]}
-        return out
+            self._statistics[key] = {k: torch.stack([s[k] for s in per_task]) for k in per_task[0]}
+        return {
+            name: self._statistics[bench.suite, bench.model, seed, source, name] for name in names
+        }
 
 
 def evaluate_state(
@@ -110,7 +132,11 @@ def evaluate_state(
 ) -> dict[str, float]:
     encoder = bench.encoder(dict(state))
     tasks = tasks or bench.tasks
-    return {t: accuracy(encoder, bench.head(t), bench.dataset(t, split)) for t in tasks}
+    workers = getattr(bench, "num_workers", 0)
+    return {
+        t: accuracy(encoder, bench.head(t), bench.dataset(t, split), num_workers=workers)
+        for t in tasks
+    }
 
 
 def evaluate_splits(bench: Benchmark, state: Mapping[str, Tensor]) -> dict[tuple[str, str], float]:
@@ -143,7 +169,7 @@ def _references(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
         return Outcome(
             evaluate_splits(bench, combine(base, load_entry(path.parent))), {}, "train", spent
         )
-    experts = ws.experts(bench, cell.seed)
+    experts = ws.experts(bench, cell.seed, cell.identity.get("experts"))
     accs = {}
     for task in bench.tasks:
         state = combine(base, load_entry(experts.files[task].parent))
@@ -204,9 +230,10 @@ def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
     state = base
     if spec.method:
         method = methods[spec.method.name]
-        experts = ws.experts(bench, cell.seed)
+        source = cell.identity.get("experts")
+        experts = ws.experts(bench, cell.seed, source)
         stats += experts.total()
-        data_stats = ws.statistics(bench, cell.seed, method.needs) if method.needs else None
+        data_stats = ws.statistics(bench, cell.seed, method.needs, source) if method.needs else None
         state, chosen, searched, merge_time = select_on_validation(
             bench, method, spec.method.fixed, base, experts.vectors(), cell.seed, data_stats
         )
@@ -224,6 +251,7 @@ def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
                 hparams=hp.defaults(refiner.hparams, part.fixed),
                 seed=cell.seed,
                 progress=ws.progress,
+                from_base=from_base,
             )
         )
         state, trace = result.state, result.trace
@@ -276,17 +304,13 @@ def run(
     force: bool = False,
     on_record: Callable[[CellRecord], None] | None = None,
 ) -> Summary:
-    """Execute the cells not yet in the store (all of them with ``force``), in order."""
-    summary = Summary()
-    for cell in cells:
-        if not force and store.done(cell.key):
-            summary.skipped += 1
-            continue
-        record = execute(cell, ws)
-        store.write(record)
-        summary.ran += 1
-        if record.status != "ok":
-            summary.failed.append(record)
-        if on_record:
-            on_record(record)
-    return summary
+    """Execute the cells not yet in the store (all of them with ``force``) in this process.
+
+    The ``local`` executor with ``ws``; other executors: :func:`atmbench.executors.run_grid`.
+    """
+    from atmbench.executors import Options, run_grid
+    from atmbench.executors.local import execute_local
+
+    options = Options(ws.home, str(ws.device), ws.progress)
+    local = functools.partial(execute_local, ws=ws)
+    return run_grid(cells, store, local, options, force=force, on_record=on_record)

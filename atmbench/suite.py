@@ -33,6 +33,8 @@ class Benchmark(Protocol):
     tasks: tuple[str, ...]
     fingerprint: str
     """Identity of backbone, data and heads: part of every expert's cache key."""
+    num_workers: int
+    """Data-loader processes for evaluation (0: in the main process)."""
     device: torch.device
 
     def base_state(self) -> dict[str, Tensor]:
@@ -50,6 +52,9 @@ class Benchmark(Protocol):
     def recipe(self, task: str) -> Recipe:
         """How an expert for ``task`` is fine-tuned."""
 
+    # Optional: ``import_experts(source) -> {task: fine-tuned encoder state dict}`` for
+    # suites whose published experts can replace fine-tuning (``--experts SOURCE``).
+
 
 @dataclass(frozen=True)
 class Suite:
@@ -66,6 +71,8 @@ class Suite:
     """Bump when data, backbone or heads change: part of every cell's identity."""
     any_model: bool = False
     """Accept model names outside ``models`` (e.g. any open_clip ``NAME:TAG``)."""
+    download: Callable[[str, Path], list[str]] | None = None
+    """``download(model, home)`` fetches weights and data ahead of a run (None: embedded)."""
 
     def check_model(self, model: str) -> str:
         if model in self.models or self.any_model:

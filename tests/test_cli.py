@@ -79,7 +79,10 @@ def test_leaderboard_writes_markdown(use_shared_home, tmp_path):
     result = invoke("leaderboard", "--out", str(tmp_path / "lb"))
     assert result.exit_code == 0
     text = (tmp_path / "lb" / "digits8-vit-micro.md").read_text()
-    assert text.startswith("## digits8 / vit-micro")
+    assert text.startswith(
+        "Produced by: `atmbench run --suite digits8 --model vit-micro --methods "
+    )
+    assert "\n## digits8 / vit-micro  (test accuracy, %)\n" in text
     assert "| average" in text
 
 

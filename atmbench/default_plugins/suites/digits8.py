@@ -140,6 +140,7 @@ class DigitsBenchmark:
 
     def __init__(self, model: str, home: Path, device: torch.device):
         self.suite, self.model, self.device = SUITE, model, device
+        self.num_workers = 0  # in-memory tensors: worker processes would only add overhead
         self.config = MODELS[model]
         self.tasks = tuple(TASKS)
         images, labels = _digits()

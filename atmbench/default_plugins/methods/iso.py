@@ -1,0 +1,93 @@
+"""Iso-C and Iso-CTS, isotropic merging (Marczak et al., ICML 2025): θ = θ0 + α Δ_iso.
+
+Iso-C, per matrix: Σ_t τ_t = U S Vᵀ and Δ = σ̄ U Vᵀ with σ̄ the mean singular value.
+Iso-CTS, per matrix: the top k singular directions of Σ_t τ_t form the common subspace;
+each task adds its top n directions of (I − U_c U_cᵀ) τ_t; the concatenated U and Vᵀ are
+replaced by their polar factors and every singular value by the mean of the combined
+spectrum (common singular values of the sum included).
+
+Decisions, checked against ``tests/data/golden/iso_{c,cts,cts_f05}.safetensors``
+(RECIPE.md; official ``danielm1405/iso-merging`` ``src/utils/iso.py``):
+
+- "Other" (non-2-D) tensors get the **mean** of the task vectors, Σ/T, in both methods, as
+  the official code does; ALGORITHMS.md's "other tensors as TA" (the sum) is not what it does.
+- Iso-CTS sizes as the code: k0 = int(r·f), n = round((r − k0)/T) with Python's
+  round-half-to-even, k = r − T·n, so the task-specific part divides evenly among tasks.
+  At f = 0.8 on small matrices n can be 0 and Iso-CTS equals Iso-C. Where rounding up
+  would ask for more than r directions (T·n > r, e.g. f = 0.1 with r = 5, T = 8, a case
+  the official code crashes on), n is capped at ⌊r/T⌋.
+- The task-specific projection is one-sided (left singular vectors only), as in the code.
+- With one task neither method gives the expert back: the spectrum is flattened (Iso-CTS
+  then equals Iso-C); the "other" tensors are the expert's.
+- α defaults to 1 (official config and FusionBench); searched over 0.1 … 3.0 on validation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from atmbench.default_plugins.methods.spectral import alpha_scale, is_matrix, polar, top_triplets
+from atmbench.hookspecs import hookimpl
+from atmbench.hparams import HParam
+from atmbench.method import MergeMethod, TensorContext
+
+COMMON_FRACTION = HParam(
+    "common_fraction",
+    default=0.8,
+    low=0.0,
+    high=1.0,
+    help="share of the rank budget kept as the common subspace of the summed task vectors",
+)
+
+
+def iso_c(base: Tensor, task_vectors: Tensor, ctx: TensorContext) -> Tensor:
+    if not is_matrix(base):
+        return task_vectors.mean(0)
+    u, s, vh = torch.linalg.svd(task_vectors.sum(0), full_matrices=False)
+    return s.mean() * (u @ vh)
+
+
+def split_rank(rank: int, tasks: int, common_fraction: float) -> tuple[int, int]:
+    """(common directions k, directions per task n) with k + T·n = rank, as the code sizes them."""
+    per_task = round((rank - int(rank * common_fraction)) / tasks)
+    per_task = min(per_task, rank // tasks)
+    return rank - tasks * per_task, per_task
+
+
+def iso_cts(
+    base: Tensor, task_vectors: Tensor, ctx: TensorContext, common_fraction: float
+) -> Tensor:
+    if not is_matrix(base):
+        return task_vectors.mean(0)
+    k, n = split_rank(min(base.shape), len(task_vectors), common_fraction)
+    u, s, vh = torch.linalg.svd(task_vectors.sum(0), full_matrices=False)
+    u, s, vh = u[:, :k], s[:k], vh[:k]
+    if n:
+        specific = task_vectors - u @ (u.T @ task_vectors)
+        u_t, s_t, vh_t = top_triplets(specific, n)
+        u, s, vh = torch.cat([u_t, u], 1), torch.cat([s_t, s]), torch.cat([vh_t, vh])
+    return s.mean() * (polar(u) @ polar(vh))
+
+
+@hookimpl
+def register_methods(register):
+    register(
+        MergeMethod(
+            name="iso_c",
+            merge=iso_c,
+            data="none",
+            scale=alpha_scale(),
+            description="Iso-C: summed task vectors with a flat (isotropic) spectrum",
+        )
+    )
+    register(
+        MergeMethod(
+            name="iso_cts",
+            merge=iso_cts,
+            data="none",
+            hparams=(COMMON_FRACTION,),
+            scale=alpha_scale(),
+            description="Iso-CTS: common + task-specific subspaces, isotropic spectrum",
+        )
+    )

@@ -1,0 +1,233 @@
+"""ATM, Alternating Tuning and Merging (Zhou et al., arXiv 2411.03055), as one refiner.
+
+Each iteration fine-tunes a copy of the current model on every task for ``budget /
+iterations`` epochs (a fresh AdamW, no schedule, as in the official code), takes each task
+vector relative to the current model, and moves the current model by ``alpha`` times their
+mean (``alpha = 1`` is the paper's α = 1/T on the sum). With one iteration this is task
+arithmetic with λ = 1/T over experts fine-tuned for the whole budget; with one epoch per
+iteration and full batches it is multi-task gradient descent.
+
+* ``atm`` alone starts from the base θ0 and tunes on each task's train split; the default
+  budget is the experts' recipe epochs, so it spends the compute one-shot merging spends.
+* ``METHOD+atm`` starts from METHOD's merged model and tunes on each task's validation
+  split only. Its default budget is the same number of epochs, over a split that is much
+  smaller (a tenth of train on the standard protocol), so refinement costs a fraction of
+  the experts' compute.
+
+The tuning of one task reads that task's data alone (the federated reading: only task
+vectors travel). The current model and one iteration's task vectors are kept in float32 on
+the CPU (T + 1 copies of the encoder), which the cosine analysis needs anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from atmbench.evaluate import accuracy
+from atmbench.finetune import Recipe, TrainStats, finetune, state_on_cpu
+from atmbench.hookspecs import hookimpl
+from atmbench.hparams import HParam
+from atmbench.refiner import Refiner, RefineRequest, RefineResult
+from atmbench.seeds import derive
+from atmbench.suite import Benchmark
+
+HPARAMS = (
+    HParam(
+        "iterations",
+        default=0,
+        low=0,
+        type=int,
+        help="tune/merge rounds; 0: one per epoch of the budget (the paper's setting)",
+    ),
+    HParam(
+        "budget",
+        default=0.0,
+        low=0.0,
+        help="epochs per task over all iterations; 0: the experts' recipe epochs",
+    ),
+    HParam("lr", default=0.0, low=0.0, help="AdamW learning rate; 0: the experts' recipe lr"),
+    HParam("batch_size", default=0, low=0, type=int, help="0: the experts' recipe batch size"),
+    HParam(
+        "alpha",
+        default=1.0,
+        low=0.0,
+        open_low=True,
+        help="merge step: θ += alpha · mean of the task vectors (1: the paper's 1/T on the sum)",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved schedule: how many rounds, and per task its recipe and epochs per round."""
+
+    iterations: int
+    recipes: dict[str, Recipe]
+    epochs: dict[str, float]
+
+
+def make_plan(recipes: Mapping[str, Recipe], hparams: Mapping[str, Any]) -> Plan:
+    """Resolve the ``0 = default`` hyperparameters against each task's expert recipe.
+
+    The paper's optimizer is AdamW with no schedule, so the recipe's schedule and warm-up
+    are replaced by a constant learning rate; weight decay and clipping stay the experts'.
+    """
+    budgets = {t: hparams["budget"] or r.epochs for t, r in recipes.items()}
+    iterations = hparams["iterations"] or max(1, math.ceil(max(budgets.values())))
+    tuned = {
+        t: dataclasses.replace(
+            r,
+            lr=hparams["lr"] or r.lr,
+            batch_size=hparams["batch_size"] or r.batch_size,
+            schedule="constant",
+            warmup_steps=0,
+        )
+        for t, r in recipes.items()
+    }
+    return Plan(iterations, tuned, {t: b / iterations for t, b in budgets.items()})
+
+
+def merge_step(
+    current: Mapping[str, Tensor], vectors: Sequence[Mapping[str, Tensor]], alpha: float
+) -> dict[str, Tensor]:
+    """θ + alpha · mean_t τ_t for the keys the task vectors have; other entries are kept."""
+    return {
+        k: v + alpha * torch.stack([tv[k] for tv in vectors]).mean(0) if k in vectors[0] else v
+        for k, v in current.items()
+    }
+
+
+def gram(vectors: Sequence[Mapping[str, Tensor]]) -> Tensor:
+    """Inner products of the task vectors flattened over all their tensors, in float64."""
+    out = torch.zeros(len(vectors), len(vectors), dtype=torch.float64)
+    for key in vectors[0]:
+        stacked = torch.stack([tv[key].reshape(-1) for tv in vectors]).double()
+        out += stacked @ stacked.T
+    return out
+
+
+def cosines(inner: Tensor) -> Tensor:
+    """Cosine similarities from a Gram matrix; a zero vector is orthogonal to everything."""
+    norms = inner.diagonal().sqrt()
+    out = inner / torch.outer(norms, norms).clamp_min(torch.finfo(inner.dtype).tiny)
+    return out.fill_diagonal_(1.0).clamp(-1.0, 1.0)
+
+
+def _floats(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.float() if v.is_floating_point() else v.clone() for k, v in state.items()}
+
+
+def _accuracies(bench: Benchmark, state: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+    encoder = bench.encoder(state)
+    return {
+        split: {t: accuracy(encoder, bench.head(t), bench.dataset(t, split)) for t in bench.tasks}
+        for split in ("val", "test")
+    }
+
+
+def _tune(
+    bench: Benchmark,
+    task: str,
+    current: dict[str, Tensor],
+    split: str,
+    plan: Plan,
+    seed: int,
+    desc: str,
+    progress: bool,
+) -> tuple[dict[str, Tensor], TrainStats]:
+    """Fine-tune a copy of ``current`` on one task's ``split``; return (τ, compute spent)."""
+    encoder = bench.encoder(current)
+    spent = finetune(
+        encoder,
+        bench.head(task),
+        bench.dataset(task, split),
+        plan.recipes[task],
+        seed=seed,
+        epochs=plan.epochs[task],
+        desc=desc,
+        progress=progress,
+    )
+    tuned = state_on_cpu(encoder)
+    return {k: tuned[k].float() - v for k, v in current.items() if v.is_floating_point()}, spent
+
+
+def alternate(
+    bench: Benchmark,
+    start: Mapping[str, Tensor],
+    split: str,
+    hparams: Mapping[str, Any],
+    seed: int,
+    progress: bool = True,
+) -> RefineResult:
+    """The ATM loop from ``start``, tuning on ``split``; the trace's record 0 is the start."""
+    plan = make_plan({t: bench.recipe(t) for t in bench.tasks}, hparams)
+    dtypes = {k: v.dtype for k, v in start.items()}
+    current = _floats(start)
+    stats = {t: TrainStats() for t in bench.tasks}
+    trace: list[dict[str, Any]] = [{"iteration": 0, "accuracy": _accuracies(bench, current)}]
+    for iteration in range(1, plan.iterations + 1):
+        vectors, steps = [], {}
+        for task in bench.tasks:
+            vector, spent = _tune(
+                bench,
+                task,
+                current,
+                split,
+                plan,
+                derive(seed, "atm", iteration, task),
+                f"atm {iteration}/{plan.iterations} {task}",
+                progress,
+            )
+            vectors.append(vector)
+            stats[task] += spent
+            steps[task] = spent.steps
+        inner = gram(vectors)
+        current = merge_step(current, vectors, hparams["alpha"])
+        trace.append(
+            {
+                "iteration": iteration,
+                "tasks": list(bench.tasks),
+                "epochs": plan.epochs,
+                "steps": steps,
+                "accuracy": _accuracies(bench, current),
+                "norms": dict(zip(bench.tasks, inner.diagonal().sqrt().tolist(), strict=True)),
+                "cosine": cosines(inner).tolist(),
+            }
+        )
+    state = {k: v.to(dtypes[k]) for k, v in current.items()}
+    return RefineResult(state, stats, trace)
+
+
+def refine(request: RefineRequest) -> RefineResult:
+    """``atm`` tunes θ0 on train; ``METHOD+atm`` tunes METHOD's merge on validation only."""
+    from_base = request.from_base
+    return alternate(
+        request.benchmark,
+        request.base if from_base else request.start,
+        "train" if from_base else "val",
+        request.hparams,
+        request.seed,
+        request.progress,
+    )
+
+
+REFINER = Refiner(
+    name="atm",
+    refine=refine,
+    data="validation",
+    data_from_base="train",
+    hparams=HPARAMS,
+    description="ATM: alternate fine-tuning on each task and merging the task vectors",
+)
+
+
+@hookimpl
+def register_refiners(register):
+    register(REFINER)

@@ -1,0 +1,135 @@
+"""Figures reported in papers: data with citations, rendered only as "reported, not measured".
+
+They are kept apart from the store on purpose: a reported figure comes from other experts,
+other heads and another protocol, so it never enters a measured table, only a separate one
+that names its source. Figures are average absolute test accuracy (%) over the suite's tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from tabulate import tabulate
+
+SOURCES = {
+    "FusionBench": "A. Tang et al., FusionBench: A Comprehensive Benchmark of Deep Model Fusion, "
+    "2024, arXiv:2406.03280",
+    "task_vectors": "G. Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023, "
+    "arXiv:2212.04089",
+    "TSV paper": "A. A. Gargiulo et al., Task Singular Vectors: Reducing Task Interference in "
+    "Model Merging, CVPR 2025, arXiv:2412.00081",
+    "Iso paper": "D. Marczak et al., No Task Left Behind: Isotropic Model Merging with Common "
+    "and Task-Specific Subspaces, ICML 2025, arXiv:2502.04959",
+    "ATM paper": "L. Zhou et al., ATM: Improving Model Merging by Alternating Tuning and "
+    "Merging, 2024, arXiv:2411.03055",
+}
+
+
+@dataclass(frozen=True)
+class ReportedFigure:
+    suite: str
+    model: str
+    method: str
+    """The atmbench row it corresponds to (method spec or reference name)."""
+    paper_name: str
+    figure: str
+    """As printed: a number, or a range where sources disagree."""
+    setting: str
+    source: str
+    """A key of :data:`SOURCES`, or several joined by ``"; "``."""
+
+
+def _vision8_b32(
+    method: str, name: str, figure: str, source: str, setting: str = ""
+) -> ReportedFigure:
+    return ReportedFigure("vision8", "ViT-B-32", method, name, figure, setting, source)
+
+
+FIGURES: tuple[ReportedFigure, ...] = (
+    _vision8_b32("pretrained", "zero-shot", "48.2", "FusionBench"),
+    _vision8_b32("experts", "individual experts", "90.3–90.5", "FusionBench; task_vectors"),
+    _vision8_b32("mtl", "multi-task learning", "88.6", "FusionBench"),
+    _vision8_b32("average", "weight averaging", "66.5", "FusionBench"),
+    _vision8_b32("ta", "Task Arithmetic", "68.0", "FusionBench", "λ = 0.3 fixed"),
+    _vision8_b32("ta", "Task Arithmetic", "70.8", "TSV paper"),
+    _vision8_b32("ties", "TIES-Merging", "72.2", "FusionBench", "λ = 0.3 fixed"),
+    _vision8_b32("ties", "TIES-Merging", "75.1", "Iso paper"),
+    _vision8_b32("fisher", "Fisher merging", "70.6", "FusionBench"),
+    _vision8_b32("regmean", "RegMean", "82.4", "FusionBench"),
+    _vision8_b32("consensus_ta", "Consensus TA", "75.0", "TSV paper"),
+    _vision8_b32("tsv", "TSV-M", "85.9", "TSV paper"),
+    _vision8_b32("tsv", "TSV-M", "83.1", "FusionBench", "FusionBench's experts"),
+    _vision8_b32("iso_c", "Iso-C", "86.3", "Iso paper"),
+    _vision8_b32("iso_cts", "Iso-CTS", "86.2", "Iso paper"),
+    ReportedFigure("vision14", "ViT-B-32", "tsv", "TSV-M", "80.1", "", "TSV paper"),
+    ReportedFigure("vision20", "ViT-B-32", "tsv", "TSV-M", "77.1", "", "TSV paper"),
+    ReportedFigure(
+        "vision8", "ViT-B-16", "atm", "ATM", "77.65", "budget 2 epochs per task", "ATM paper"
+    ),
+    ReportedFigure(
+        "vision8", "ViT-B-16", "atm", "ATM", "83.26", "budget 4 epochs per task", "ATM paper"
+    ),
+    ReportedFigure(
+        "vision8", "ViT-B-16", "atm", "ATM", "88.08", "budget 10 epochs per task", "ATM paper"
+    ),
+    ReportedFigure(
+        "vision8",
+        "ViT-B-16",
+        "ta",
+        "Task Arithmetic",
+        "72.70",
+        "start of the refinement below",
+        "ATM paper",
+    ),
+    ReportedFigure(
+        "vision8",
+        "ViT-B-16",
+        "ta+atm",
+        "ATM refinement of TA",
+        "79.67",
+        "post-hoc, validation data",
+        "ATM paper",
+    ),
+)
+
+
+def figures(suite: str, model: str) -> list[ReportedFigure]:
+    return [f for f in FIGURES if f.suite == suite and f.model == model]
+
+
+def pairs() -> list[tuple[str, str]]:
+    """Every (suite, model) with reported figures, in first-mention order."""
+    return list(dict.fromkeys((f.suite, f.model) for f in FIGURES))
+
+
+def as_dicts(suite: str, model: str) -> list[dict[str, str]]:
+    """The figures with their full citations, for JSON output."""
+    return [dict(asdict(f), citation=_citation(f.source)) for f in figures(suite, model)]
+
+
+def _citation(source: str) -> str:
+    return "; ".join(SOURCES[key] for key in source.split("; "))
+
+
+def render_markdown(suite: str, model: str) -> str:
+    """A separate table titled "reported, not measured", with its sources cited below it."""
+    found = figures(suite, model)
+    rows = [[f.method, f.paper_name, f.figure, f.setting, f.source] for f in found]
+    keys = list(dict.fromkeys(k for f in found for k in f.source.split("; ")))
+    table = tabulate(
+        rows,
+        headers=["atmbench row", "paper's name", "avg accuracy", "setting", "source"],
+        tablefmt="pipe",
+        disable_numparse=True,
+        colalign=("left", "left", "right", "left", "left"),
+    )
+    return "\n\n".join(
+        [
+            f"## {suite} / {model}: reported, not measured  (average test accuracy, %)",
+            "Copied from papers, not produced by atmbench. Papers use different experts and "
+            "protocols: compare methods within one source, never across sources or with a "
+            "measured table.",
+            table,
+            "Sources:\n\n" + "\n".join(f"- {k}: {SOURCES[k]}" for k in keys),
+        ]
+    )

@@ -1,0 +1,88 @@
+"""Data-free merges over ViT-B-32-shaped task vectors (8 tasks, CPU), against the read floor.
+
+Run: ``pytest benchmarks/test_merge_speed.py --benchmark-enable``. Each method's time is
+reported as a multiple of the floor measured in the same run: the time to read every
+task-vector byte once. Peak RSS is measured in a fresh process per method and reported
+as a multiple of one model's size (a streaming merge should stay near 3: base, merged
+task vector, merged model).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import atmbench
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tower import TASKS, merge_once, read_all, write_tower  # noqa: E402
+
+DATA_FREE = sorted(n for n, m in atmbench.methods().items() if m.data == "none" and not m.needs)
+SVD = {"tsv", "iso_c", "iso_cts"}
+RESULTS: dict[str, dict[str, float]] = {}
+
+
+@pytest.fixture(scope="session")
+def tower(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("vit-b-32-tower")
+    base, files = write_tower(directory)
+    return directory, base, files
+
+
+@pytest.fixture(scope="session")
+def floor(tower):
+    _, base, files = tower
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        read_all(files)
+        times.append(time.perf_counter() - started)
+    model_gb = base.stat().st_size / 2**30
+    RESULTS["read floor"] = {"seconds": min(times), "model_gb": model_gb}
+    return min(times)
+
+
+@pytest.mark.parametrize("name", DATA_FREE)
+def test_merge_time(benchmark, tower, floor, name):
+    directory, _, _ = tower
+    rounds = 1 if name in SVD else 3
+    seconds = benchmark.pedantic(merge_once, args=(directory, name), rounds=rounds, iterations=1)
+    best = benchmark.stats.stats.min if benchmark.stats else seconds
+    benchmark.extra_info["x_floor"] = best / floor
+    RESULTS.setdefault(name, {})["x_floor"] = best / floor
+    RESULTS[name]["seconds"] = best
+
+
+@pytest.mark.parametrize("name", DATA_FREE)
+def test_peak_rss(tower, name):
+    directory, base, _ = tower
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "tower.py"), str(directory), name],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    peak_gb = float(out[1])
+    model_gb = base.stat().st_size / 2**30
+    RESULTS.setdefault(name, {})["peak_rss_gb"] = peak_gb
+    RESULTS[name]["x_model"] = peak_gb / model_gb
+    assert peak_gb < (TASKS + 4) * model_gb  # never all T models plus copies at once
+
+
+def pytest_terminal_summary_lines() -> list[str]:
+    lines = ["method | time / read floor | peak RSS (GB) | peak RSS / one model"]
+    for name, r in RESULTS.items():
+        if name == "read floor":
+            continue
+        lines.append(
+            f"{name} | {r.get('x_floor', float('nan')):.2f}x ({r.get('seconds', 0):.2f} s) | "
+            f"{r.get('peak_rss_gb', float('nan')):.2f} | {r.get('x_model', float('nan')):.2f}x"
+        )
+    if "read floor" in RESULTS:
+        f = RESULTS["read floor"]
+        lines.append(f"read floor: {f['seconds']:.3f} s for {TASKS} x {f['model_gb']:.2f} GB")
+    return lines

@@ -1,0 +1,74 @@
+"""Task vectors with the exact shapes of open_clip ViT-B-32's image tower, written once.
+
+Random values (the speed of a merge does not depend on them); 8 tasks, float32, one
+safetensors file per task, exactly what the expert cache holds for vision8.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+TASKS = 8
+
+
+def tower_shapes() -> dict[str, torch.Size]:
+    import open_clip
+
+    model = open_clip.create_model("ViT-B-32")  # random init: no download
+    return {k: v.shape for k, v in model.visual.state_dict().items()}
+
+
+def write_tower(directory: Path) -> tuple[Path, list[Path]]:
+    directory.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    shapes = tower_shapes()
+    base = {k: torch.randn(s, generator=generator) * 0.02 for k, s in shapes.items()}
+    save_file(base, directory / "base.safetensors")
+    files = []
+    for t in range(TASKS):
+        vectors = {k: torch.randn(s, generator=generator) * 1e-3 for k, s in shapes.items()}
+        files.append(directory / f"task{t}.safetensors")
+        save_file(vectors, files[-1])
+    return directory / "base.safetensors", files
+
+
+def read_all(files: list[Path]) -> int:
+    """The floor: every task-vector byte read once into memory, nothing computed."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                total += f.get_tensor(key).numel()
+    return total
+
+
+def merge_once(directory: Path, name: str) -> float:
+    """Stream ``name`` over the tower with its default hyperparameters; return seconds."""
+    from safetensors.torch import load_file
+
+    import atmbench
+    from atmbench.method import FileTaskVectors, combine, merged_task_vector
+
+    method = atmbench.methods()[name]
+    hparams = {h.name: h.default for h in method.hparams}
+    base = load_file(str(directory / "base.safetensors"))
+    files = {f"task{t}": directory / f"task{t}.safetensors" for t in range(TASKS)}
+    started = time.perf_counter()
+    delta = merged_task_vector(method, base, FileTaskVectors(files), hparams, seed=0)
+    combine(base, delta, method.scale.default if method.scale else 1.0)
+    return time.perf_counter() - started
+
+
+if __name__ == "__main__":
+    # python benchmarks/tower.py DIR METHOD: one merge in a fresh process, for peak RSS.
+    seconds = merge_once(Path(sys.argv[1]), sys.argv[2])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"{seconds:.3f} {peak:.3f}")

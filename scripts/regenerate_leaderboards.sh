@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Regenerate everything under leaderboards/ from scratch (README.md and submissions/ there
+# are kept): the digits8 grid of every registered method and refiner variant, 3 seeds, plus
+# the accepted submissions in leaderboards/submissions/, rendered as Markdown with PNG
+# charts, CSV, JSON and LaTeX, and the papers' reported figures in their own cited
+# "reported, not measured" tables.
+#
+#   scripts/regenerate_leaderboards.sh                      # the published grid
+#   METHODS=ta,ties SEEDS=0 OUT=/tmp/lb scripts/regenerate_leaderboards.sh   # a quick look
+#   tox -e leaderboards                                     # the same, in a clean env
+#
+# Variables (all optional):
+#   METHODS   comma-separated method specs; default: every method `atmbench list` shows,
+#             every refiner alone (e.g. atm, from the base) and after each of REFINED
+#   REFINED   methods also run with each refiner appended (default: "ta ties tsv")
+#   SEEDS     default 0,1,2
+#   MODEL     default: the suite's first model
+#   RUN_ARGS  extra `atmbench run` arguments, e.g. "--device cuda" or "--executor multi-gpu"
+#   OUT       default leaderboards
+#   ATMBENCH_HOME  default: a fresh temporary directory, so no stale expert or cell leaks in
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUITE=digits8
+SEEDS=${SEEDS:-0,1,2}
+OUT=${OUT:-leaderboards}
+REFINED=${REFINED:-"ta ties tsv"}
+export ATMBENCH_HOME=${ATMBENCH_HOME:-$(mktemp -d -t atmbench-leaderboards.XXXXXX)}
+
+# Names listed under one heading ("Methods:", "Refiners:") of `atmbench list`.
+names_under() {
+    atmbench list 2>/dev/null | awk -v want="$1:" '/^[A-Z][A-Za-z]*:$/ {on = ($0 == want); next} on {print $1}'
+}
+
+if [ -z "${METHODS:-}" ]; then
+    specs=($(names_under Methods))
+    for refiner in $(names_under Refiners); do
+        specs+=("$refiner")
+        for method in $REFINED; do
+            specs+=("$method+$refiner")
+        done
+    done
+    METHODS=$(IFS=,; echo "${specs[*]}")
+fi
+
+echo "ATMBENCH_HOME=$ATMBENCH_HOME" >&2
+echo "methods: $METHODS" >&2
+status=0
+# shellcheck disable=SC2086  # RUN_ARGS is a list of words on purpose
+atmbench run --suite "$SUITE" ${MODEL:+--model "$MODEL"} --methods "$METHODS" --seeds "$SEEDS" \
+    --quiet ${RUN_ARGS:-} >/dev/null || status=$?   # failed cells: render the rest, then fail
+
+# Accepted submissions for other suites (store files or `atmbench export` JSON).
+shopt -s nullglob
+merges=()
+for file in "$OUT"/submissions/*.json "$OUT"/submissions/*.sqlite; do
+    merges+=(--merge "$file")
+done
+
+mkdir -p "$OUT"
+find "$OUT" -maxdepth 1 -type f ! -name README.md -delete
+atmbench leaderboard --reported --out "$OUT" ${merges[@]+"${merges[@]}"}
+for format in csv json latex; do
+    atmbench leaderboard --format "$format" --out "$OUT"
+done
+exit "$status"
