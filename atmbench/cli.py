@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 DEFAULT_SUITE = "digits8"
-DEFAULT_METHODS = "average,ta"
+DEFAULT_METHODS = "average,ta,ties,tsv,iso_c,atm,ties+atm,tsv+atm"
 DEBUG_ENV = "ATMBENCH_DEBUG"
 
 
@@ -161,7 +161,7 @@ def run(
             click.echo(line)
         return
     if quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # also silences suites' and libraries' own bars
+        os.environ[config.QUIET_ENV] = "1"  # suites' own bars, in worker processes too
     options = executors.Options(config.home(), device, not quiet, workers, ray_address)
 
     def report(record):

@@ -9,11 +9,17 @@ import torch
 from platformdirs import user_cache_dir
 
 HOME_ENV = "ATMBENCH_HOME"
+QUIET_ENV = "ATMBENCH_QUIET"
 
 
 def home() -> Path:
     """``$ATMBENCH_HOME`` or the per-user cache directory: experts, backbones, results."""
     return Path(os.environ.get(HOME_ENV) or user_cache_dir("atmbench"))
+
+
+def show_progress() -> bool:
+    """Progress bars unless ``$ATMBENCH_QUIET`` is 1 (``--quiet`` sets it for workers too)."""
+    return os.environ.get(QUIET_ENV) != "1"
 
 
 def default_store() -> Path:

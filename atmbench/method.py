@@ -98,6 +98,13 @@ class TaskVectors(Protocol):
     def keys(self, task: str) -> Iterable[str]: ...
 
 
+def _stack(key: str, tasks: tuple[str, ...], tensors: list[Tensor]) -> Tensor:
+    shapes = {t: tuple(v.shape) for t, v in zip(tasks, tensors, strict=True)}
+    if len(set(shapes.values())) > 1:
+        raise MergeInputError(f"parameter {key!r} has different shapes across tasks: {shapes}")
+    return torch.stack(tensors)
+
+
 class InMemoryTaskVectors:
     def __init__(self, vectors: Mapping[str, Mapping[str, Tensor]]):
         self.tasks = tuple(vectors)
@@ -107,7 +114,7 @@ class InMemoryTaskVectors:
         return self._vectors[task].keys()
 
     def stacked(self, key: str) -> Tensor:
-        return torch.stack([self._vectors[t][key] for t in self.tasks])
+        return _stack(key, self.tasks, [self._vectors[t][key] for t in self.tasks])
 
     def get(self, task: str, key: str) -> Tensor:
         return self._vectors[task][key]
@@ -124,7 +131,7 @@ class FileTaskVectors:
         return self._handles[task].keys()
 
     def stacked(self, key: str) -> Tensor:
-        return torch.stack([self._handles[t].get_tensor(key) for t in self.tasks])
+        return _stack(key, self.tasks, [self._handles[t].get_tensor(key) for t in self.tasks])
 
     def get(self, task: str, key: str) -> Tensor:
         return self._handles[task].get_tensor(key)

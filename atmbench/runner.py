@@ -285,9 +285,27 @@ def execute(cell: Cell, ws: Workspace) -> CellRecord:
     record.wall_time_s = time.perf_counter() - started
     record.peak_mem_mb = peak_memory_mb(ws.device)
     record.device = device_name(ws.device)
-    record.versions = versions()
+    record.versions = {**versions(), **_plugin_versions(cell)}
     record.git_commit = git_commit()
     return record
+
+
+def _plugin_versions(cell: Cell) -> dict[str, str]:
+    """The packages that provided the cell's method and refiners: a third party's too."""
+    if isinstance(cell.spec, str):
+        return {}
+    parts = [("method", cell.spec.method)] if cell.spec.method else []
+    parts += [("refiner", part) for part in cell.spec.refiners]
+    found = {}
+    for kind, part in parts:
+        registered = (
+            registry.registered_methods() if kind == "method" else registry.registered_refiners()
+        ).get(part.name)
+        if registered is not None:
+            found[f"{kind}:{part.name}"] = (
+                f"{registered.source.package} {registered.source.version}"
+            )
+    return found
 
 
 @dataclass

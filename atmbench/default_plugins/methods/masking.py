@@ -100,6 +100,8 @@ def global_thresholds(
 ) -> Tensor:
     """Per task, the (d − int(k·d))-th smallest |τ| over all parameters: ``[T]`` float32.
 
+    Public: third-party methods (atmbench-doge) build their global masks on it.
+
     Exact, yet streaming: two passes of per-task histograms over the float32 bit patterns
     (15 high bits, then the 16 low bits inside the chosen bin), so memory stays at one
     parameter per task instead of one flattened model per task. ``k = 1`` gives 0 (keep all).

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from atmbench.cache import EntryCache, load_entry
+from atmbench.config import show_progress
 from atmbench.finetune import Recipe, finetune, state_on_cpu
 from atmbench.heads import CosineHead, class_prototypes
 from atmbench.hookspecs import hookimpl
@@ -175,6 +176,7 @@ class DigitsBenchmark:
             self.config.pretrain,
             seed=0,
             desc=f"pretrain {SUITE}/{self.model}",
+            progress=show_progress(),
         )
         return state_on_cpu(encoder), {"pretrain_steps": stats.steps}
 
