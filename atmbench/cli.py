@@ -13,6 +13,15 @@ DEFAULT_SUITE = "digits8"
 DEFAULT_METHODS = "average,ta,ties,tsv,iso_c,atm,ties+atm,tsv+atm"
 DEBUG_ENV = "ATMBENCH_DEBUG"
 
+store_option = click.option(
+    "--store",
+    "store_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="SQLite result store (default: $ATMBENCH_HOME/results.sqlite).",
+)
+suite_filter_option = click.option("--suite", default=None, help="Only this suite.")
+
 
 def _friendly(fn):
     """Known failures become one-line errors; set ATMBENCH_DEBUG=1 for the traceback."""
@@ -91,13 +100,7 @@ def list_command():
 @click.option("--dry-run", is_flag=True, help="Print the grid and exit.")
 @click.option("--force", is_flag=True, help="Recompute cells already in the store.")
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
-@click.option(
-    "--store",
-    "store_path",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="SQLite result store (default: $ATMBENCH_HOME/results.sqlite).",
-)
+@store_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option(
     "--experts",
@@ -196,9 +199,6 @@ def run(
         sys.exit(1)
 
 
-STORE_HELP = "SQLite result store (default: $ATMBENCH_HOME/results.sqlite)."
-
-
 def _leaderboard_invocation(suite, fmt, data, reported, out) -> str:
     """The render command written atop each document (store and merges left out: they only
     say where the cells came from, and the run command beside it recomputes them)."""
@@ -214,10 +214,8 @@ def _leaderboard_invocation(suite, fmt, data, reported, out) -> str:
 
 
 @cli.command()
-@click.option(
-    "--store", "store_path", type=click.Path(path_type=Path), default=None, help=STORE_HELP
-)
-@click.option("--suite", default=None, help="Only this suite.")
+@store_option
+@suite_filter_option
 @click.option(
     "--format",
     "fmt",
@@ -281,10 +279,8 @@ def leaderboard(store_path, suite, fmt, data, reported, merge_files, out):
 
 
 @cli.command()
-@click.option(
-    "--store", "store_path", type=click.Path(path_type=Path), default=None, help=STORE_HELP
-)
-@click.option("--suite", default=None, help="Only this suite.")
+@store_option
+@suite_filter_option
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -331,14 +327,8 @@ def download(suite, model):
 
 
 @cli.command()
-@click.option(
-    "--store",
-    "store_path",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="SQLite result store (default: $ATMBENCH_HOME/results.sqlite).",
-)
-@click.option("--suite", default=None, help="Only this suite.")
+@store_option
+@suite_filter_option
 @click.option(
     "--out",
     type=click.Path(path_type=Path),

@@ -90,3 +90,13 @@ def test_leaderboard_without_results_is_a_clear_error(home):
     result = CliRunner().invoke(cli, ["leaderboard"])
     assert result.exit_code != 0
     assert "no results stored yet" in result.output
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "atmbench", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "Benchmark model-merging methods" in out.stdout
