@@ -15,7 +15,7 @@ from torch import Tensor
 
 from atmbench.cache import DATA, EntryCache
 from atmbench.finetune import TrainStats, finetune, state_on_cpu, task_vector
-from atmbench.method import FileTaskVectors
+from atmbench.method import FileTaskVectors, MergeInputError
 from atmbench.seeds import derive
 from atmbench.suite import Benchmark
 
@@ -36,6 +36,14 @@ class Experts:
         for stats in self.stats.values():
             total += stats
         return total
+
+
+def finite(vector: dict[str, Tensor], task: str) -> dict[str, Tensor]:
+    """Refuse to cache an expert with NaN/inf weights (a diverged run, a broken checkpoint)."""
+    bad = [k for k, v in vector.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise MergeInputError(f"expert for task {task!r} has NaN or inf weights in {bad[:3]}")
+    return vector
 
 
 def expert_key(bench: Benchmark, task: str, seed: int, source: str | None = None) -> dict:
@@ -80,7 +88,8 @@ def ensure_experts(
 
         def compute(task=task):
             if published is not None:
-                return task_vector(published()[task], base), {"steps": 0, "examples": 0}
+                imported = task_vector(published()[task], base)
+                return finite(imported, task), {"steps": 0, "examples": 0}
             encoder = bench.encoder()
             spent = finetune(
                 encoder,
@@ -93,7 +102,7 @@ def ensure_experts(
             )
             trained.append(task)
             meta = {"steps": spent.steps, "examples": spent.examples}
-            return task_vector(state_on_cpu(encoder), base), meta
+            return finite(task_vector(state_on_cpu(encoder), base), task), meta
 
         key = expert_key(bench, task, seed, source)
         directory, meta, _ = cache.get_or_create(key, compute)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,15 +39,19 @@ def write_tower(directory: Path) -> tuple[Path, list[Path]]:
     return directory / "base.safetensors", files
 
 
-def read_all(files: list[Path]) -> int:
-    """The floor: every task-vector byte read once into memory, nothing computed."""
+def read_all(files: list[Path]) -> float:
+    """The floor: every task-vector byte read once (summed: a bandwidth-bound pass).
+
+    ``get_tensor`` alone may hand back a view of the memory map without touching the
+    bytes, so the floor reduces each tensor: the least work that reads all of them.
+    """
     from safetensors import safe_open
 
-    total = 0
+    total = 0.0
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                total += f.get_tensor(key).numel()
+                total += float(f.get_tensor(key).sum())
     return total
 
 
@@ -67,8 +72,29 @@ def merge_once(directory: Path, name: str) -> float:
     return time.perf_counter() - started
 
 
+def _anonymous_rss_gb() -> float:
+    """Resident memory the process allocated itself (not pages of mapped files)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 if __name__ == "__main__":
-    # python benchmarks/tower.py DIR METHOD: one merge in a fresh process, for peak RSS.
+    # python benchmarks/tower.py DIR METHOD: one merge in a fresh process, for peak memory.
+    # Prints seconds, peak RSS (GB, including the memory-mapped task-vector pages the
+    # kernel counts as resident) and peak anonymous RSS (GB, sampled every 5 ms).
+    peak_anon = [0.0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak_anon[0] = max(peak_anon[0], _anonymous_rss_gb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     seconds = merge_once(Path(sys.argv[1]), sys.argv[2])
+    done.set()
+    sampler.join()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"{seconds:.3f} {peak:.3f}")
+    print(f"{seconds:.3f} {peak:.3f} {max(peak_anon[0], _anonymous_rss_gb()):.3f}")

@@ -60,3 +60,17 @@ def test_experts_are_cached_per_key(use_shared_home):
     assert all(cached_expert(use_shared_home, bench, t, 0) for t in bench.tasks)
     assert not cached_expert(use_shared_home, bench, bench.tasks[0], 99)
     assert second.total().steps == sum(s.steps for s in first.stats.values()) > 0
+
+
+def test_an_expert_with_nan_weights_is_refused_before_it_is_cached():
+    import pytest
+
+    from atmbench.experts import finite
+    from atmbench.method import MergeInputError
+
+    good = {"w": torch.ones(2), "steps": torch.tensor([3])}
+    assert finite(good, "a") is good
+    with pytest.raises(
+        MergeInputError, match=r"expert for task 'a' has NaN or inf weights in \['w'\]"
+    ):
+        finite({"w": torch.tensor([1.0, float("nan")])}, "a")

@@ -204,3 +204,20 @@ def test_alpha_scales_the_merged_task_vector():
 def test_bad_hyperparameters_are_rejected(spec, message):
     with pytest.raises(SpecError, match=message):
         parse_spec(spec, registry.methods(), registry.refiners())
+
+
+def test_svd_retries_in_float64_when_lapack_fails_to_converge(monkeypatch):
+    from atmbench.default_plugins.methods import spectral
+
+    real = torch.linalg.svd
+
+    def flaky(matrix, full_matrices=True):
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(matrix, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    matrix = torch.tensor([[3.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    u, s, vh = spectral.svd(matrix)
+    assert s.dtype == torch.float32 and torch.allclose(s, torch.tensor([3.0, 2.0]))
+    assert torch.allclose((u * s) @ vh, matrix)

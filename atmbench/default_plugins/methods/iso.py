@@ -27,7 +27,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from atmbench.default_plugins.methods.spectral import alpha_scale, is_matrix, polar, top_triplets
+from atmbench.default_plugins.methods.spectral import (
+    alpha_scale,
+    is_matrix,
+    polar,
+    svd,
+    top_triplets,
+)
 from atmbench.hookspecs import hookimpl
 from atmbench.hparams import HParam
 from atmbench.method import MergeMethod, TensorContext
@@ -44,7 +50,7 @@ COMMON_FRACTION = HParam(
 def iso_c(base: Tensor, task_vectors: Tensor, ctx: TensorContext) -> Tensor:
     if not is_matrix(base):
         return task_vectors.mean(0)
-    u, s, vh = torch.linalg.svd(task_vectors.sum(0), full_matrices=False)
+    u, s, vh = svd(task_vectors.sum(0))
     return s.mean() * (u @ vh)
 
 
@@ -61,7 +67,7 @@ def iso_cts(
     if not is_matrix(base):
         return task_vectors.mean(0)
     k, n = split_rank(min(base.shape), len(task_vectors), common_fraction)
-    u, s, vh = torch.linalg.svd(task_vectors.sum(0), full_matrices=False)
+    u, s, vh = svd(task_vectors.sum(0))
     u, s, vh = u[:, :k], s[:k], vh[:k]
     if n:
         specific = task_vectors - u @ (u.T @ task_vectors)
