@@ -13,9 +13,9 @@ from pathlib import Path
 
 from torch import Tensor
 
-from atmbench.cache import DATA, EntryCache
+from atmbench.cache import DATA, EntryCache, load_entry
 from atmbench.finetune import TrainStats, finetune, state_on_cpu, task_vector
-from atmbench.method import FileTaskVectors, MergeInputError
+from atmbench.method import FileTaskVectors, MergeInputError, combine
 from atmbench.seeds import derive
 from atmbench.suite import Benchmark
 
@@ -30,6 +30,10 @@ class Experts:
 
     def vectors(self) -> FileTaskVectors:
         return FileTaskVectors(self.files)
+
+    def state(self, task: str, base: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The expert's full weights θ_t = θ0 + τ_t."""
+        return combine(base, load_entry(self.files[task].parent))
 
     def total(self) -> TrainStats:
         total = TrainStats()

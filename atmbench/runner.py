@@ -16,7 +16,7 @@ from statistics import fmean
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from atmbench import hparams as hp
 from atmbench import registry, statistics
@@ -119,7 +119,7 @@ class Workspace:
                 continue
             per_task = []
             for task in bench.tasks:
-                encoder = bench.encoder(combine(base, load_entry(experts.files[task].parent)))
+                encoder = bench.encoder(experts.state(task, base))
                 per_task.append(statistics.compute(name, bench, encoder, task, seed))
             self._statistics[key] = {k: torch.stack([s[k] for s in per_task]) for k in per_task[0]}
         return {
@@ -127,21 +127,30 @@ class Workspace:
         }
 
 
-def evaluate_state(
-    bench: Benchmark, state: Mapping[str, Tensor], split: str, tasks: Iterable[str] | None = None
-) -> dict[str, float]:
-    encoder = bench.encoder(dict(state))
-    tasks = tasks or bench.tasks
+def _accuracies(
+    bench: Benchmark, encoder: nn.Module, splits: Iterable[str], tasks: Iterable[str]
+) -> dict[tuple[str, str], float]:
     workers = getattr(bench, "num_workers", 0)
     return {
-        t: accuracy(encoder, bench.head(t), bench.dataset(t, split), num_workers=workers)
+        (t, s): accuracy(encoder, bench.head(t), bench.dataset(t, s), num_workers=workers)
+        for s in splits
         for t in tasks
     }
 
 
-def evaluate_splits(bench: Benchmark, state: Mapping[str, Tensor]) -> dict[tuple[str, str], float]:
-    """(task, split) -> accuracy on validation and test."""
-    return {(t, s): a for s in ("val", "test") for t, a in evaluate_state(bench, state, s).items()}
+def evaluate_state(
+    bench: Benchmark, state: Mapping[str, Tensor], split: str, tasks: Iterable[str] | None = None
+) -> dict[str, float]:
+    """task -> accuracy of ``state`` on one split."""
+    accs = _accuracies(bench, bench.encoder(dict(state)), (split,), tasks or bench.tasks)
+    return {t: a for (t, _), a in accs.items()}
+
+
+def evaluate_splits(
+    bench: Benchmark, state: Mapping[str, Tensor], tasks: Iterable[str] | None = None
+) -> dict[tuple[str, str], float]:
+    """(task, split) -> accuracy on validation and test, with one encoder built."""
+    return _accuracies(bench, bench.encoder(dict(state)), ("val", "test"), tasks or bench.tasks)
 
 
 @dataclass
@@ -172,9 +181,7 @@ def _references(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
     experts = ws.experts(bench, cell.seed, cell.identity.get("experts"))
     accs = {}
     for task in bench.tasks:
-        state = combine(base, load_entry(experts.files[task].parent))
-        for split in ("val", "test"):
-            accs[task, split] = evaluate_state(bench, state, split, [task])[task]
+        accs.update(evaluate_splits(bench, experts.state(task, base), [task]))
     return Outcome(accs, {}, "train", experts.total())
 
 
