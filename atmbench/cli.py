@@ -83,6 +83,8 @@ def list_command():
         for name, reg in sorted(items.items()):
             item = reg.item
             extra = f" [data: {item.data}]" if hasattr(item, "data") else ""
+            if getattr(item, "aliases", ()):
+                extra += f" (also: {', '.join(item.aliases)})"
             click.echo(f"  {name:<14} {item.description}{extra}  — {reg.source}")
     _warn_plugin_errors()
 

@@ -71,6 +71,8 @@ class MergeMethod:
     needs: tuple[str, ...] = ()
     """Data statistics the runner must compute (e.g. ``("fisher",)``)."""
     description: str = ""
+    aliases: tuple[str, ...] = ()
+    """Other names a spec may use (``consensus`` for ``consensus_ta``); rows use ``name``."""
     version: str = "1"
     """Bump when the math changes: it is part of a cell's cache key."""
 

@@ -85,13 +85,17 @@ def parse_spec(
         raise SpecError(f"empty method spec in {text!r}")
     parsed = [_parse_part(p) for p in pieces]
     head_name, head_args = parsed[0]
+    aliases = {a: n for n, m in methods.items() for a in m.aliases if a not in methods}
+    head_name = aliases.get(head_name, head_name)
     method = None
     rest = parsed
     if head_name in methods:
         method = Part(head_name, _checked(methods[head_name].all_hparams(), head_args, head_name))
         rest = parsed[1:]
     elif head_name not in refiners or refiners[head_name].data_from_base is None:
-        valid = sorted(methods) + sorted(n for n, r in refiners.items() if r.data_from_base)
+        valid = sorted([*methods, *aliases]) + sorted(
+            n for n, r in refiners.items() if r.data_from_base
+        )
         raise SpecError(f"unknown method {head_name!r} (valid: {', '.join(valid)})")
     parts = []
     for name, args in rest:

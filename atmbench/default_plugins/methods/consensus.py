@@ -18,6 +18,7 @@ Decisions, from the official code (nik-dim/tall_masks ``aggregation.py`` and
   ``mask_lam`` is searched over the same grid {0.2, …, 0.6} on the mean validation accuracy
   (the runner selects on the mean). Default 0.6 (FusionBench's TALL-mask default).
 - λ (the final scale) uses Task Arithmetic's grid.
+- ``consensus`` names ``consensus_ta``, the paper's headline variant.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def register_methods(register):
             data="none",
             hparams=(MASK_LAMBDA, AGREE),
             scale=ta.LAMBDA,
+            aliases=("consensus",),
             description="Consensus merging: TALL-mask agreement over Task Arithmetic",
         )
     )

@@ -62,6 +62,7 @@ def register_methods(register):
             data="none",
             hparams=(P,),
             scale=ta.LAMBDA,
+            aliases=("dare",),
             description="DARE drop-and-rescale, then Task Arithmetic",
         )
     )
