@@ -10,8 +10,9 @@ from torch import Tensor
 from atmbench import hparams as hp
 from atmbench import registry
 from atmbench.finetune import task_vector
-from atmbench.method import InMemoryTaskVectors, combine, merged_task_vector
+from atmbench.method import InMemoryTaskVectors, combine
 from atmbench.spec import SpecError, parse_spec
+from atmbench.streaming import merged_task_vector
 
 
 def merge(

@@ -1,20 +1,18 @@
-"""The merge-method contract and the streaming loop that applies a method tensor by tensor.
+"""The merge-method contract: what a method is, what it is handed, where task vectors come from.
 
-A method is a pure function of tensors. For each parameter the loop hands it the base
-tensor and the stacked task vectors of that parameter only, so peak memory stays near one
-model plus one parameter per task (the mergekit way), whether the task vectors live in
-memory or in memory-mapped safetensors files. The method returns the *unscaled* merged
-task vector; the final coefficient (λ of TA/TIES, α of TSV/Iso) is applied afterwards, so a
-validation sweep over it costs one merge, not one per value.
+A method is a pure function of tensors, applied parameter by parameter (or block of rows by
+block of rows) by :mod:`atmbench.streaming`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from torch import Tensor
@@ -40,12 +38,36 @@ class TensorContext:
     state: Any = None
     """What the method's ``prepare`` returned (global view, e.g. per-task thresholds)."""
     stats: Mapping[str, Tensor] = field(default_factory=dict)
-    """Data statistics for this parameter, stacked over tasks (e.g. ``"fisher"``)."""
+    """Data statistics for this parameter (or block of rows), stacked over tasks."""
+    streams: dict[int, np.random.Generator] = field(default_factory=dict, compare=False)
+    """The random streams of :meth:`uniform`, shared by the row blocks of one parameter."""
 
     def generator(self, task_index: int = 0) -> torch.Generator:
-        """A generator seeded by (seed, parameter, task): masks don't depend on order."""
+        """A generator seeded by (seed, parameter, task): masks don't depend on order.
+
+        For whole-tensor methods; a ``rowwise`` method draws with :meth:`uniform`, whose
+        stream carries over from one block of the parameter to the next.
+        """
+        return torch.Generator().manual_seed(self._task_seed(task_index))
+
+    def uniform(self, task_index: int, shape: Sequence[int]) -> Tensor:
+        """float32 uniforms in [0, 1) from the (seed, parameter, task) stream.
+
+        The stream continues across the row blocks of a parameter, so a parameter's draws
+        are the same whether it is handed whole or in blocks of any size. NumPy's SFC64
+        fills about twice as fast as torch's CPU generator, and at 24 random bits per
+        float32 ``uniform > p`` follows the law of ``torch.rand(...) > p`` exactly.
+        """
+        stream = self.streams.get(task_index)
+        if stream is None:
+            stream = np.random.Generator(np.random.SFC64(self._task_seed(task_index)))
+            self.streams[task_index] = stream
+        values = stream.random(math.prod(shape), dtype=np.float32)
+        return torch.from_numpy(values).view(tuple(shape))
+
+    def _task_seed(self, task_index: int) -> int:
         task = self.tasks[task_index] if self.tasks else ""
-        return torch.Generator().manual_seed(derive(self.seed, self.key, task))
+        return derive(self.seed, self.key, task)
 
 
 MergeFn = Callable[..., Tensor]
@@ -71,6 +93,10 @@ class MergeMethod:
     needs: tuple[str, ...] = ()
     """Data statistics the runner must compute (e.g. ``("fisher",)``)."""
     description: str = ""
+    rowwise: bool = False
+    """True if the merge of a block of leading-dimension rows needs only those rows (their
+    base, task vectors, statistics, and ``prepare``'s state): the loop then streams cache-
+    sized blocks (:mod:`atmbench.streaming`). Tensors of fewer than 2 dimensions come whole."""
     aliases: tuple[str, ...] = ()
     """Other names a spec may use (``consensus`` for ``consensus_ta``); rows use ``name``."""
     version: str = "1"
@@ -98,6 +124,8 @@ class TaskVectors(Protocol):
     """True if the merge must check the values for NaN/inf itself."""
 
     def stacked(self, key: str) -> Tensor: ...
+
+    def get(self, task: str, key: str) -> Tensor: ...
 
     def keys(self, task: str) -> Iterable[str]: ...
 
@@ -159,45 +187,6 @@ def check_keys(base: Mapping[str, Tensor], vectors: TaskVectors) -> None:
                 f"task {task!r} does not match the base model's parameters "
                 f"(missing {missing}, unexpected {extra})"
             )
-
-
-def merged_task_vector(
-    method: MergeMethod,
-    base: Mapping[str, Tensor],
-    vectors: TaskVectors,
-    hparams: Mapping[str, Any],
-    seed: int = 0,
-    stats: Mapping[str, Any] | None = None,
-) -> dict[str, Tensor]:
-    """Stream ``method`` over every parameter; return the unscaled merged task vector (fp32)."""
-    check_keys(base, vectors)
-    state = method.prepare(vectors, seed=seed, **hparams) if method.prepare else None
-    out: dict[str, Tensor] = {}
-    for key, b in base.items():
-        if not vectors.tasks or not b.is_floating_point():
-            out[key] = torch.zeros_like(b, dtype=torch.float32)
-            continue
-        stacked = vectors.stacked(key).float()
-        if stacked.shape[1:] != b.shape:
-            raise MergeInputError(
-                f"parameter {key!r}: task vectors have shape {tuple(stacked.shape[1:])}, "
-                f"the base has {tuple(b.shape)}"
-            )
-        # One reduction (NaN and inf propagate into the sum) instead of a boolean copy of the
-        # whole stack; only a non-finite sum pays for finding the culprit tasks.
-        if vectors.unchecked and not torch.isfinite(stacked.sum()):
-            bad = [t for t, v in zip(vectors.tasks, stacked, strict=True) if not v.isfinite().all()]
-            raise MergeInputError(f"parameter {key!r} of task(s) {bad} holds NaN or inf values")
-        key_stats = {name: s[key] for name, s in (stats or {}).items() if key in s}
-        ctx = TensorContext(key, tuple(vectors.tasks), seed, state, key_stats)
-        delta = method.merge(b.float(), stacked, ctx, **hparams)
-        if delta.shape != b.shape:
-            raise MergeInputError(
-                f"method {method.name!r} returned shape {tuple(delta.shape)} for {key!r}, "
-                f"expected {tuple(b.shape)}"
-            )
-        out[key] = delta.float()
-    return out
 
 
 def combine(

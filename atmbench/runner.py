@@ -24,12 +24,13 @@ from atmbench.cache import load_entry
 from atmbench.evaluate import accuracy
 from atmbench.experts import Experts, ensure_experts
 from atmbench.finetune import TrainStats
-from atmbench.method import DATA_ACCESS, MergeMethod, combine, merged_task_vector
+from atmbench.method import DATA_ACCESS, MergeMethod, combine
 from atmbench.mtl import ensure_mtl
 from atmbench.provenance import device_name, git_commit, peak_memory_mb, versions
 from atmbench.refiner import RefineRequest
 from atmbench.spec import REFERENCES, Cell, MethodSpec, describe, parse_spec
 from atmbench.store import CellRecord, ResultStore
+from atmbench.streaming import merged_task_vector
 from atmbench.suite import Benchmark
 
 

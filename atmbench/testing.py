@@ -18,7 +18,7 @@ or one pytest item per check::
         run_pytest(check, subject("my_method"))
 
 The checks use only the public API (:func:`atmbench.merge`,
-:func:`atmbench.method.merged_task_vector`, :class:`~atmbench.method.InMemoryTaskVectors`,
+:func:`atmbench.streaming.merged_task_vector`, :class:`~atmbench.method.InMemoryTaskVectors`,
 :func:`~atmbench.method.combine`), i.e. the runner's code path. Methods that declare
 ``needs`` get synthetic statistics: those of :mod:`atmbench.statistics` are faked on the
 miniature model (``fisher``: positive tensors shaped like the parameters; ``gram`` and
@@ -40,15 +40,9 @@ import atmbench
 from atmbench import hparams as hp
 from atmbench import registry
 from atmbench.finetune import task_vector
-from atmbench.method import (
-    DATA_ACCESS,
-    InMemoryTaskVectors,
-    MergeInputError,
-    MergeMethod,
-    combine,
-    merged_task_vector,
-)
+from atmbench.method import DATA_ACCESS, InMemoryTaskVectors, MergeInputError, MergeMethod, combine
 from atmbench.plugins import NAME_RE
+from atmbench.streaming import merged_task_vector
 
 State = dict[str, Tensor]
 StatisticFactory = Callable[[Mapping[str, Tensor], tuple[str, ...]], Mapping[str, Tensor]]

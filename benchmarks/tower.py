@@ -60,7 +60,8 @@ def merge_once(directory: Path, name: str) -> float:
     from safetensors.torch import load_file
 
     import atmbench
-    from atmbench.method import FileTaskVectors, combine, merged_task_vector
+    from atmbench.method import FileTaskVectors, combine
+    from atmbench.streaming import merged_task_vector
 
     method = atmbench.methods()[name]
     hparams = {h.name: h.default for h in method.hparams}

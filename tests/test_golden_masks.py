@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from atmbench import registry
 from atmbench.default_plugins.methods.masking import consensus_mask, dare_rescale, tall_masks
-from atmbench.method import InMemoryTaskVectors, merged_task_vector
+from atmbench.method import InMemoryTaskVectors
+from atmbench.streaming import merged_task_vector
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 TASKS = ("t0", "t1", "t2")

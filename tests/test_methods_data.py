@@ -12,8 +12,9 @@ from torch.utils.data import TensorDataset
 
 import atmbench
 from atmbench import registry, statistics
-from atmbench.method import InMemoryTaskVectors, MergeInputError, merged_task_vector
+from atmbench.method import InMemoryTaskVectors, MergeInputError
 from atmbench.spec import SpecError, parse_spec
+from atmbench.streaming import merged_task_vector
 
 
 def _delta(name: str, vectors: dict, stats: dict, **hparams) -> dict:

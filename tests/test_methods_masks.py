@@ -22,13 +22,9 @@ from atmbench.default_plugins.methods.masking import (
     global_thresholds,
     middle_band,
 )
-from atmbench.method import (
-    FileTaskVectors,
-    InMemoryTaskVectors,
-    TensorContext,
-    merged_task_vector,
-)
+from atmbench.method import FileTaskVectors, InMemoryTaskVectors, TensorContext
 from atmbench.spec import SpecError, parse_spec
+from atmbench.streaming import merged_task_vector
 
 METHODS = ("ties", "dare_ta", "dare_ties", "breadcrumbs", "consensus_ta", "consensus_ties")
 
@@ -128,11 +124,23 @@ def test_dare_sampling_rate_determinism_and_order_invariance():
     assert abs(keep[0].float().mean().item() - 0.7) < 0.01
     assert abs(keep[1].float().mean().item() - 0.7) < 0.01
     assert not torch.equal(keep[0], keep[1])  # each task draws its own mask
-    assert torch.equal(keep, dare_keep_masks(tv, ctx, 0.3))  # same seed, same masks
+    fresh = TensorContext("w", ("a", "b"), seed=7)
+    assert torch.equal(keep, dare_keep_masks(tv, fresh, 0.3))  # same seed, same masks
+    again = dare_keep_masks(tv, ctx, 0.3)  # the same context's streams go on
+    assert not torch.equal(again, keep)
     swapped = dare_keep_masks(tv, TensorContext("w", ("b", "a"), seed=7), 0.3)
     assert torch.equal(swapped, keep.flip(0))  # a task's mask ignores the order
     assert not torch.equal(dare_keep_masks(tv, TensorContext("w", ("a", "b"), seed=8), 0.3), keep)
     assert not torch.equal(dare_keep_masks(tv, TensorContext("v", ("a", "b"), seed=7), 0.3), keep)
+
+
+def test_dare_masks_do_not_depend_on_the_row_blocks():
+    """Blocks of a parameter continue its random streams: split or whole, the same masks."""
+    tv = torch.ones(2, 10, 7)
+    whole = dare_keep_masks(tv, TensorContext("w", ("a", "b"), seed=3), 0.5)
+    ctx = TensorContext("w", ("a", "b"), seed=3)
+    parts = [dare_keep_masks(tv[:, rows], ctx, 0.5) for rows in (slice(0, 3), slice(3, 10))]
+    assert torch.equal(torch.cat(parts, 1), whole)
 
 
 def test_dare_seed_changes_the_merge_and_p_zero_is_task_arithmetic():

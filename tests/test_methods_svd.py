@@ -10,8 +10,9 @@ import atmbench
 from atmbench import registry
 from atmbench.default_plugins.methods.iso import split_rank
 from atmbench.default_plugins.methods.spectral import polar
-from atmbench.method import InMemoryTaskVectors, merged_task_vector
+from atmbench.method import InMemoryTaskVectors
 from atmbench.spec import SpecError, parse_spec
+from atmbench.streaming import merged_task_vector
 
 GOLDEN = "tests/data/golden"
 METHODS = ("tsv", "iso_c", "iso_cts")

@@ -19,6 +19,7 @@ def register_methods(register):
             name="average",
             merge=average,
             data="none",
+            rowwise=True,
             description="Weight averaging (model soup of the experts)",
         )
     )

@@ -57,6 +57,7 @@ def register_methods(register):
             name="breadcrumbs",
             merge=breadcrumbs,
             data="none",
+            rowwise=True,
             hparams=(KEEP, OUTLIERS),
             scale=ta.LAMBDA,
             description="Model Breadcrumbs: middle magnitude band per row, then Task Arithmetic",

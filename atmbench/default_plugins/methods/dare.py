@@ -5,11 +5,13 @@ Decisions:
 
 - Every floating-point parameter is dropped, 1-D ones included (FusionBench's
   ``only_on_linear_weights=False``).
-- Masks: ``rand > p`` keeps an entry (FusionBench's rule; official MergeLM draws
+- Masks: ``uniform > p`` keeps an entry (FusionBench's ``rand > p``; official MergeLM draws
   ``bernoulli(p)`` instead, same law, different stream). Each (seed, parameter, task) has its
-  own generator (``TensorContext.generator``), so masks don't depend on task order and the
-  same cell seed always gives the same masks. Neither upstream seeds this way, so the
-  golden masks are injected in the tests and the sampling is tested on its own.
+  own random stream (``TensorContext.uniform``, NumPy's SFC64), so masks don't depend on task
+  order or on how the loop splits a parameter into row blocks, and the same cell seed always
+  gives the same masks. Neither upstream seeds this way, so the golden masks are injected in
+  the tests and the sampling is tested on its own. (Version 2: masks were drawn from torch's
+  generator, at half the speed.)
 - ``dare_ties`` trims the *dropped and rescaled* vectors with the global TIES threshold, as
   FusionBench's DARE-TIES does; ``prepare`` redraws the same masks while streaming.
   Its k is fixed at 0.2 (not searched) to keep the grid small; its merge and λ are those of
@@ -60,6 +62,8 @@ def register_methods(register):
             name="dare_ta",
             merge=dare_ta,
             data="none",
+            rowwise=True,
+            version="2",
             hparams=(P,),
             scale=ta.LAMBDA,
             aliases=("dare",),
@@ -71,6 +75,8 @@ def register_methods(register):
             name="dare_ties",
             merge=dare_ties,
             data="none",
+            rowwise=True,
+            version="2",
             hparams=(P, ties_k(search=()), MERGE),
             scale=ties.LAMBDA,
             prepare=prepare_ties,

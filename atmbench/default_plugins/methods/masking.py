@@ -1,7 +1,7 @@
 """Masking math shared by TIES, DARE, Model Breadcrumbs and Consensus merging.
 
 Pure tensor functions (trim, elect, disjoint merge, DARE drop, TALL/consensus masks, the
-middle band of Breadcrumbs) plus the one streaming pass TIES needs for its global view.
+middle band of Breadcrumbs) plus the streaming passes TIES needs for its global view.
 ``task_vectors`` are always stacked on a leading task dimension ``[T, ...]``; nothing here
 mutates its inputs.
 
@@ -18,6 +18,7 @@ against ``tests/data/golden`` (see its RECIPE.md):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from atmbench.hparams import HParam
 from atmbench.method import TaskVectors, TensorContext
+from atmbench.streaming import blocks, floating_keys, row_blocks
 
 Transform = Callable[[Tensor, TensorContext], Tensor]
 """Maps a parameter's stacked task vectors to what TIES trims (e.g. DARE's dropped ones)."""
@@ -54,8 +56,102 @@ def ties_k(default: float = 0.2, search: tuple = (0.1, 0.2, 0.3)) -> HParam:
 
 # ---------------------------------------------------------------- TIES: global threshold
 
+SAMPLE = 1 << 20
+"""Magnitudes per task sampled to bracket the threshold before the exact counting pass."""
+
 _HI_BINS = 1 << 15  # |x| as float32 bits has a clear sign bit: 15 high bits, 16 low bits
 _LO_BINS = 1 << 16
+
+
+def _magnitudes(vectors: TaskVectors, seed: int, transform: Transform | None):
+    """Yield (ctx, |transformed τ| as [T, n]) block by block over every parameter.
+
+    The block is a reused buffer (:func:`atmbench.streaming.blocks`): consumers reduce it.
+    """
+    tasks = len(vectors.tasks)
+    for key in floating_keys(vectors):
+        for _, ctx, stacked in blocks(vectors, key, seed):
+            tv = transform(stacked, ctx) if transform else stacked
+            yield ctx, tv.abs().reshape(tasks, -1)
+
+
+def _sample(vectors: TaskVectors, seed: int, transform: Transform | None) -> Tensor:
+    """About :data:`SAMPLE` magnitudes per task, sorted: every block's strided share.
+
+    Only a guess at where the threshold lies (the counting pass checks it), so the stride
+    may fall unevenly on a transform's zeros; it reads one in every 64 blocks' rows.
+    """
+    tasks = len(vectors.tasks)
+    picked = []
+    counter = 0
+    for key in floating_keys(vectors):
+        tensors = [vectors.get(t, key) for t in vectors.tasks]
+        rows = row_blocks(tensors[0].shape)
+        for part in rows:
+            counter += len(rows) > 1
+            if len(rows) > 1 and counter % 64:
+                continue
+            stacked = torch.stack([t[part].float() for t in tensors])
+            ctx = TensorContext(key, tuple(vectors.tasks), seed)
+            tv = transform(stacked, ctx) if transform else stacked
+            picked.append(tv.abs().reshape(tasks, -1))
+    every = torch.cat(picked, 1) if picked else torch.zeros(tasks, 0)
+    stride = max(1, every.shape[1] // SAMPLE)
+    return every[:, ::stride].sort(1).values
+
+
+def _bracket(sample: Tensor, k: float) -> tuple[Tensor, Tensor]:
+    """Per task [lo, hi] around the sample's (1 − k) quantile, wide enough (10 standard
+    deviations of a sample quantile, plus slack) that the true threshold is almost surely
+    inside; ``lo = 0`` / ``hi = inf`` where the margin runs off the sample."""
+    size = sample.shape[1]
+    center = (1.0 - k) * size
+    margin = 10.0 * math.sqrt(size * k * (1.0 - k)) + 16
+    low, high = int(center - margin), int(math.ceil(center + margin))
+    tasks = sample.shape[0]
+    lo = sample[:, low] if 0 <= low < size else torch.zeros(tasks)
+    hi = sample[:, high] if 0 <= high < size else torch.full((tasks,), math.inf)
+    return lo, hi
+
+
+def global_thresholds(
+    vectors: TaskVectors, k: float, seed: int = 0, transform: Transform | None = None
+) -> Tensor:
+    """Per task, the (d − int(k·d))-th smallest |τ| over all parameters: ``[T]`` float32.
+
+    Public: third-party methods (atmbench-doge) build their global masks on it.
+
+    Exact, streaming, and about one read of the task vectors: a small sample brackets each
+    task's threshold, one pass counts the magnitudes below the bracket and keeps those
+    inside it (a fraction of a percent), and the threshold is the right order statistic of
+    what was kept. Where the bracket misses (heavy ties, odd distributions) it falls back to
+    :func:`radix_thresholds`. ``k = 1`` gives 0 (keep all).
+    """
+    tasks = len(vectors.tasks)
+    lo, hi = _bracket(_sample(vectors, seed, transform), k)
+    below = torch.zeros(tasks, dtype=torch.int64)
+    kept: list[list[Tensor]] = [[] for _ in range(tasks)]
+    total = inside_total = 0
+    for _, mags in _magnitudes(vectors, seed, transform):
+        total += mags.shape[1]
+        below += (mags < lo.unsqueeze(1)).sum(1)
+        inside = (mags >= lo.unsqueeze(1)) & (mags <= hi.unsqueeze(1))
+        for values, mask, out in zip(mags, inside, kept, strict=True):
+            out.append(values[mask])
+            inside_total += out[-1].numel()
+        if inside_total > tasks * max(total // 8, SAMPLE):  # a bracket this wide missed
+            return radix_thresholds(vectors, k, seed, transform)
+    rank = total - int(total * k)
+    if rank <= 0:
+        return torch.zeros(tasks)
+    thresholds = torch.empty(tasks)
+    for t, parts in enumerate(kept):
+        candidates = torch.cat(parts) if parts else torch.zeros(0)
+        within = rank - int(below[t])
+        if not 1 <= within <= candidates.numel():
+            return radix_thresholds(vectors, k, seed, transform)
+        thresholds[t] = candidates.kthvalue(within).values
+    return thresholds
 
 
 def _float_bits(magnitudes: Tensor) -> Tensor:
@@ -83,33 +179,18 @@ def _locate(counts: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
     return index, rank - before
 
 
-def _magnitudes(vectors: TaskVectors, seed: int, transform: Transform | None):
-    """Yield (ctx, |transformed τ| stacked [T, ...]) for every floating-point parameter."""
-    tasks = tuple(vectors.tasks)
-    for key in vectors.keys(tasks[0]):
-        stacked = vectors.stacked(key)
-        if not stacked.is_floating_point():
-            continue
-        ctx = TensorContext(key, tasks, seed)
-        stacked = stacked.float()
-        yield ctx, (transform(stacked, ctx) if transform else stacked)
-
-
-def global_thresholds(
+def radix_thresholds(
     vectors: TaskVectors, k: float, seed: int = 0, transform: Transform | None = None
 ) -> Tensor:
-    """Per task, the (d − int(k·d))-th smallest |τ| over all parameters: ``[T]`` float32.
+    """:func:`global_thresholds` without a guess: exact whatever the distribution, slower.
 
-    Public: third-party methods (atmbench-doge) build their global masks on it.
-
-    Exact, yet streaming: two passes of per-task histograms over the float32 bit patterns
-    (15 high bits, then the 16 low bits inside the chosen bin), so memory stays at one
-    parameter per task instead of one flattened model per task. ``k = 1`` gives 0 (keep all).
+    Two passes of per-task histograms over the float32 bit patterns (15 high bits, then the
+    16 low bits inside the chosen bin), so memory stays at one block per task.
     """
     tasks = len(vectors.tasks)
     hi_counts = torch.zeros(tasks, _HI_BINS, dtype=torch.int64)
-    for _, tv in _magnitudes(vectors, seed, transform):
-        hi_counts += _per_task_histogram(_float_bits(tv.abs()) >> 16, _HI_BINS)
+    for _, mags in _magnitudes(vectors, seed, transform):
+        hi_counts += _per_task_histogram(_float_bits(mags) >> 16, _HI_BINS)
     total = int(hi_counts[0].sum())
     rank = total - int(total * k)
     if rank <= 0:
@@ -117,8 +198,8 @@ def global_thresholds(
     ranks = torch.full((tasks,), rank, dtype=torch.int64)
     hi, rank_in_bin = _locate(hi_counts, ranks)
     lo_counts = torch.zeros(tasks, _LO_BINS, dtype=torch.int64)
-    for _, tv in _magnitudes(vectors, seed, transform):
-        bits = _float_bits(tv.abs())
+    for _, mags in _magnitudes(vectors, seed, transform):
+        bits = _float_bits(mags)
         in_bin = (bits >> 16) == hi.unsqueeze(1).int()
         outside = torch.where(in_bin, bits & 0xFFFF, _LO_BINS)  # one spare bin, sliced off
         lo_counts += _per_task_histogram(outside, _LO_BINS + 1)[:, :_LO_BINS]
@@ -163,13 +244,16 @@ class TiesState:
 def ties_prepare(
     vectors: TaskVectors, seed: int, k: float, transform: Transform | None = None
 ) -> TiesState | None:
-    """Thresholds (two passes), then the majority of the elected signs (a third pass)."""
+    """Thresholds (a sample and one counting pass), then the majority of the elected signs
+    (a second pass)."""
     if not vectors.tasks:
         return None
     thresholds = global_thresholds(vectors, k, seed, transform)
     votes = 0.0
-    for _, tv in _magnitudes(vectors, seed, transform):
-        votes += float(torch.sign(trim(tv, thresholds).sum(0)).sum())
+    for key in floating_keys(vectors):
+        for _, ctx, stacked in blocks(vectors, key, seed):
+            tv = transform(stacked, ctx) if transform else stacked
+            votes += float(torch.sign(trim(tv, thresholds).sum(0)).sum())
     return TiesState(thresholds, float(torch.sign(torch.tensor(votes))))
 
 
@@ -183,14 +267,13 @@ def ties_merge(task_vectors: Tensor, state: TiesState, merge: str) -> Tensor:
 
 
 def dare_keep_masks(task_vectors: Tensor, ctx: TensorContext, p: float) -> Tensor:
-    """Bernoulli keep masks (keep with probability 1 − p), one generator per task.
+    """Bernoulli keep masks (keep with probability 1 − p), one random stream per task.
 
-    Seeded by (seed, parameter, task) through ``ctx.generator``, so a task's mask does not
-    depend on the other tasks or their order. ``rand > p`` keeps an entry, as FusionBench does.
+    Drawn from ``ctx.uniform``: seeded by (seed, parameter, task), so a task's mask does not
+    depend on the other tasks or their order, nor on how the parameter is split into row
+    blocks. ``uniform > p`` keeps an entry, as FusionBench's ``rand > p`` does.
     """
-    return torch.stack(
-        [torch.rand(tv.shape, generator=ctx.generator(t)) > p for t, tv in enumerate(task_vectors)]
-    )
+    return torch.stack([ctx.uniform(t, tv.shape) > p for t, tv in enumerate(task_vectors)])
 
 
 def dare_rescale(task_vectors: Tensor, keep: Tensor, p: float) -> Tensor:
@@ -224,12 +307,29 @@ def middle_band(tensor: Tensor, keep: float, outliers: float) -> Tensor:
     With c = ``tensor.shape[-1]``, drop the int(c·outliers) largest |τ| of each row, then
     keep the int(c·keep) largest of what remains (a 1-D tensor is one row; a 0-D tensor is
     kept whole). Ties are broken by a stable sort, i.e. by position.
+
+    Two order statistics per row (``kthvalue``, linear time) bound the band; only rows with
+    repeated values at a bound need the position rule, and only those pay for a sort.
     """
     if tensor.dim() == 0:
         return torch.ones_like(tensor, dtype=torch.bool)
     cols = tensor.shape[-1]
     start = int(cols * outliers)
     stop = min(start + int(cols * keep), cols)
-    order = torch.argsort(tensor.abs(), dim=-1, descending=True, stable=True)
-    mask = torch.zeros_like(tensor, dtype=torch.bool)
+    if stop <= start:
+        return torch.zeros_like(tensor, dtype=torch.bool)
+    magnitude = tensor.abs()
+    upper = magnitude.kthvalue(cols - start, dim=-1, keepdim=True).values  # (start+1)-th largest
+    lower = magnitude.kthvalue(cols - stop + 1, dim=-1, keepdim=True).values  # stop-th largest
+    band = (magnitude <= upper) & (magnitude >= lower)
+    # Without repeats at the bounds the band holds exactly stop - start entries per row.
+    repeats = band.sum(-1) != stop - start
+    if bool(repeats.any()):
+        band[repeats] = _sorted_band(magnitude[repeats], start, stop)
+    return band
+
+
+def _sorted_band(magnitude: Tensor, start: int, stop: int) -> Tensor:
+    order = torch.argsort(magnitude, dim=-1, descending=True, stable=True)
+    mask = torch.zeros_like(magnitude, dtype=torch.bool)
     return mask.scatter(-1, order[..., start:stop], True)

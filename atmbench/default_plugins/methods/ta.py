@@ -32,6 +32,7 @@ def register_methods(register):
             name="ta",
             merge=task_arithmetic,
             data="none",
+            rowwise=True,
             scale=LAMBDA,
             description="Task Arithmetic: sum of task vectors scaled by λ",
         )

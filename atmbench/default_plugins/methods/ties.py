@@ -50,6 +50,7 @@ def register_methods(register):
             name="ties",
             merge=ties,
             data="none",
+            rowwise=True,
             hparams=(K, MERGE),
             scale=LAMBDA,
             prepare=prepare,

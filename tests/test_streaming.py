@@ -1,0 +1,145 @@
+"""The streaming loop's row blocks: same numbers as whole tensors, exact global thresholds."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from atmbench import registry
+from atmbench.default_plugins.methods import masking
+from atmbench.default_plugins.methods.masking import (
+    _sorted_band,
+    global_thresholds,
+    middle_band,
+    radix_thresholds,
+)
+from atmbench.method import FileTaskVectors, InMemoryTaskVectors, MergeInputError, MergeMethod
+from atmbench.streaming import BLOCK, merged_task_vector, row_blocks
+
+ROWWISE = ("average", "ta", "ties", "dare_ta", "dare_ties", "breadcrumbs", "consensus_ta")
+
+
+def _model(seed: int = 0, tasks: int = 3) -> tuple[dict, dict]:
+    """Parameters large enough to be cut into several row blocks, plus small ones."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"big": (300, 1000), "conv": (40, 3, 50, 20), "bias": (1000,), "scalar": ()}
+    base = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    vectors = {
+        f"t{i}": {k: torch.randn(s, generator=gen) for k, s in shapes.items()} for i in range(tasks)
+    }
+    return base, vectors
+
+
+def test_row_blocks_cover_every_row_once():
+    blocks = row_blocks(torch.Size((300, 1000)))
+    assert len(blocks) > 1 and blocks[0] == slice(0, BLOCK // 1000)
+    rows = [r for part in blocks for r in range(300)[part]]
+    assert rows == list(range(300))
+    assert row_blocks(torch.Size((1000,))) == [...] == row_blocks(torch.Size(()))
+    assert row_blocks(torch.Size((2, BLOCK * 3))) == [slice(0, 1), slice(1, 2)]
+
+
+@pytest.mark.parametrize("name", ROWWISE)
+def test_rowwise_blocks_give_the_whole_tensor_result(name):
+    """The same method, handed whole tensors instead of blocks, gives the same numbers."""
+    method = registry.methods()[name]
+    assert method.rowwise
+    hparams = {h.name: h.default for h in method.hparams}
+    base, vectors = _model()
+    got = merged_task_vector(method, base, InMemoryTaskVectors(vectors), hparams, seed=5)
+    whole = replace(method, rowwise=False)
+    want = merged_task_vector(whole, base, InMemoryTaskVectors(vectors), hparams, seed=5)
+    for key in base:
+        assert torch.equal(got[key], want[key]), (name, key)
+
+
+def test_blocks_read_bf16_files_and_results_never_alias_the_buffer(tmp_path):
+    base, vectors = _model(tasks=2)
+    files = {}
+    for task, tv in vectors.items():
+        files[task] = tmp_path / f"{task}.safetensors"
+        save_file({k: v.bfloat16().contiguous() for k, v in tv.items()}, str(files[task]))
+    first = MergeMethod("first", lambda b, tv, ctx: tv[0], data="none", rowwise=True)
+    got = merged_task_vector(first, base, FileTaskVectors(files), {})
+    for key in base:
+        assert torch.equal(got[key], vectors["t0"][key].bfloat16().float())
+
+
+def test_non_finite_values_in_a_later_block_are_named():
+    base, vectors = _model(tasks=2)
+    vectors["t1"]["big"][250, 3] = float("nan")
+    with pytest.raises(MergeInputError, match=r"'big' of task\(s\) \['t1'\]"):
+        merged_task_vector(registry.methods()["ta"], base, InMemoryTaskVectors(vectors), {})
+
+
+def test_a_rowwise_method_returning_the_wrong_shape_is_named():
+    bad = MergeMethod("bad", lambda b, tv, ctx: tv.sum(), data="none", rowwise=True)
+    base, vectors = _model(tasks=1)
+    with pytest.raises(MergeInputError, match="method 'bad' returned shape"):
+        merged_task_vector(bad, base, InMemoryTaskVectors(vectors), {})
+
+
+# ---------------------------------------------------------------- TIES thresholds
+
+
+def _exact(vectors: dict, k: float) -> list[float]:
+    out = []
+    for tv in vectors.values():
+        flat = torch.cat([v.abs().reshape(-1) for v in tv.values()])
+        d = flat.numel()
+        out.append(0.0 if k == 1.0 else float(flat.kthvalue(d - int(d * k)).values))
+    return out
+
+
+@pytest.mark.parametrize("k", [0.001, 0.2, 0.5, 0.97, 1.0])
+def test_bracketed_thresholds_are_exact_over_many_blocks(k, monkeypatch):
+    _, vectors = _model(seed=k.__hash__() % 100)
+    monkeypatch.setattr(masking, "SAMPLE", 1000)  # a small sample: a narrow bracket
+    got = global_thresholds(InMemoryTaskVectors(vectors), k)
+    assert got.tolist() == _exact(vectors, k)
+    assert torch.equal(radix_thresholds(InMemoryTaskVectors(vectors), k), got)
+
+
+def test_a_missed_bracket_falls_back_to_the_radix_selection(monkeypatch):
+    _, vectors = _model(seed=9)
+    calls = []
+
+    def misleading(*_args):  # a sample far from the data: the bracket cannot hold the rank
+        return torch.full((len(vectors), 100), 1e9)
+
+    def spy(*args):
+        calls.append(args)
+        return radix_thresholds(*args)
+
+    monkeypatch.setattr(masking, "_sample", misleading)
+    monkeypatch.setattr(masking, "radix_thresholds", spy)
+    got = global_thresholds(InMemoryTaskVectors(vectors), 0.2)
+    assert calls and got.tolist() == _exact(vectors, 0.2)
+
+
+def test_heavy_ties_give_the_exact_threshold():
+    gen = torch.Generator().manual_seed(2)
+    vectors = {
+        t: {"w": torch.randint(-2, 3, (200, 700), generator=gen).float()} for t in ("a", "b")
+    }
+    for k in (0.1, 0.5, 0.9):
+        assert global_thresholds(InMemoryTaskVectors(vectors), k).tolist() == _exact(vectors, k)
+
+
+# ---------------------------------------------------------------- Breadcrumbs band
+
+
+@pytest.mark.parametrize(("keep", "outliers"), [(0.15, 0.006), (0.5, 0.2), (1.0, 0.0), (0.1, 0.95)])
+def test_middle_band_by_order_statistics_equals_the_stable_sort(keep, outliers):
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.randn(50, 300, generator=gen)
+    repeated = torch.randint(-3, 4, (50, 300), generator=gen).float()  # ties at the bounds
+    for tensor in (smooth, repeated, smooth[0]):
+        cols = tensor.shape[-1]
+        start = int(cols * outliers)
+        stop = min(start + int(cols * keep), cols)
+        want = _sorted_band(tensor.abs(), start, stop)
+        assert torch.equal(middle_band(tensor, keep, outliers), want)
