@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from atmbench import kernels
 from atmbench.hparams import HParam
 from atmbench.seeds import derive
 
@@ -39,31 +39,29 @@ class TensorContext:
     """What the method's ``prepare`` returned (global view, e.g. per-task thresholds)."""
     stats: Mapping[str, Tensor] = field(default_factory=dict)
     """Data statistics for this parameter (or block of rows), stacked over tasks."""
-    streams: dict[int, np.random.Generator] = field(default_factory=dict, compare=False)
-    """The random streams of :meth:`uniform`, shared by the row blocks of one parameter."""
+    offset: int = 0
+    """Flat index of this block's first entry in the parameter (0 for a whole tensor)."""
 
     def generator(self, task_index: int = 0) -> torch.Generator:
         """A generator seeded by (seed, parameter, task): masks don't depend on order.
 
-        For whole-tensor methods; a ``rowwise`` method draws with :meth:`uniform`, whose
-        stream carries over from one block of the parameter to the next.
+        For whole-tensor methods; a ``rowwise`` method draws with :meth:`uniform`, which
+        does not depend on how the parameter is split into blocks.
         """
         return torch.Generator().manual_seed(self._task_seed(task_index))
 
     def uniform(self, task_index: int, shape: Sequence[int]) -> Tensor:
-        """float32 uniforms in [0, 1) from the (seed, parameter, task) stream.
+        """float32 uniforms in [0, 1) for this block's entries, from the (seed, parameter,
+        task) stream.
 
-        The stream continues across the row blocks of a parameter, so a parameter's draws
-        are the same whether it is handed whole or in blocks of any size. NumPy's SFC64
-        fills about twice as fast as torch's CPU generator, and at 24 random bits per
-        float32 ``uniform > p`` follows the law of ``torch.rand(...) > p`` exactly.
+        Entry i of the parameter always gets draw i of its stream (a counter-based
+        SplitMix64, :func:`atmbench.kernels.uniform`), so the draws are the same whether
+        the parameter comes whole or in blocks of any size, and they are computed in
+        parallel. At 24 random bits per float32, ``uniform > p`` follows the law of
+        ``torch.rand(...) > p`` exactly.
         """
-        stream = self.streams.get(task_index)
-        if stream is None:
-            stream = np.random.Generator(np.random.SFC64(self._task_seed(task_index)))
-            self.streams[task_index] = stream
-        values = stream.random(math.prod(shape), dtype=np.float32)
-        return torch.from_numpy(values).view(tuple(shape))
+        count = math.prod(shape)
+        return kernels.uniform(self._task_seed(task_index), self.offset, count).view(tuple(shape))
 
     def _task_seed(self, task_index: int) -> int:
         task = self.tasks[task_index] if self.tasks else ""
@@ -193,7 +191,14 @@ def combine(
     base: Mapping[str, Tensor], delta: Mapping[str, Tensor], scale: float = 1.0
 ) -> dict[str, Tensor]:
     """θ = θ0 + scale · Δ in float32, cast back to each base tensor's dtype."""
-    return {
-        k: (b.float() + scale * delta[k]).to(b.dtype) if b.is_floating_point() else b.clone()
-        for k, b in base.items()
-    }
+    return {k: _combined(b, delta[k], scale) for k, b in base.items()}
+
+
+def _combined(base: Tensor, delta: Tensor, scale: float) -> Tensor:
+    # One new tensor per parameter (scale · Δ, then θ0 added in place): a model-sized
+    # temporary per step would be fresh memory for the kernel to fault in, page by page.
+    if not base.is_floating_point():
+        return base.clone()
+    out = delta * scale
+    out += base
+    return out.to(base.dtype)

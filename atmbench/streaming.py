@@ -102,12 +102,14 @@ def blocks(
     ``[T, ...]``; each block sees its rows.
     """
     tensors = _per_task(vectors, key)
-    stacker, streams = _Stacker(), {}
+    stacker = _Stacker()
+    row_size = math.prod(tensors[0].shape[1:])
     for rows in row_blocks(tensors[0].shape):
         stacked = stacker.stack([t[rows] for t in tensors])
         _check_finite(vectors, key, stacked)
         block_stats = {n: s[:, rows] for n, s in (stats or {}).items()}
-        ctx = TensorContext(key, tuple(vectors.tasks), seed, state, block_stats, streams)
+        offset = rows.start * row_size if isinstance(rows, slice) else 0
+        ctx = TensorContext(key, tuple(vectors.tasks), seed, state, block_stats, offset)
         yield rows, ctx, stacked
 
 

@@ -8,13 +8,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from atmbench import registry
+from atmbench import kernels, registry
 from atmbench.default_plugins.methods import masking
 from atmbench.default_plugins.methods.masking import (
     _sorted_band,
+    disjoint_merge,
+    elect_sign,
     global_thresholds,
     middle_band,
     radix_thresholds,
+    trim,
 )
 from atmbench.method import FileTaskVectors, InMemoryTaskVectors, MergeInputError, MergeMethod
 from atmbench.streaming import BLOCK, merged_task_vector, row_blocks
@@ -143,3 +146,44 @@ def test_middle_band_by_order_statistics_equals_the_stable_sort(keep, outliers):
         stop = min(start + int(cols * keep), cols)
         want = _sorted_band(tensor.abs(), start, stop)
         assert torch.equal(middle_band(tensor, keep, outliers), want)
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def test_uniform_is_the_splitmix64_stream_and_counter_based():
+    def splitmix(seed: int, count: int) -> list[float]:  # the textbook generator, in Python
+        out, state, mask = [], seed, (1 << 64) - 1
+        for _ in range(count):
+            state = (state + 0x9E3779B97F4A7C15) & mask
+            z = state
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+            out.append(((z ^ (z >> 31)) >> 40) / 2**24)
+        return out
+
+    draws = kernels.uniform(12345, 0, 10)
+    assert draws.dtype == torch.float32 and draws.tolist() == splitmix(12345, 10)
+    assert torch.equal(kernels.uniform(12345, 4, 6), draws[4:])
+    many = kernels.uniform(7, 0, 200_000)
+    assert abs(float(many.mean()) - 0.5) < 0.005 and float(many.min()) >= 0.0
+
+
+@pytest.mark.parametrize("tasks", [1, 3, 8])
+def test_fused_ties_kernel_matches_the_torch_definition(tasks):
+    gen = torch.Generator().manual_seed(tasks)
+    tv = torch.randn(tasks, 40, 97, generator=gen)
+    tv[:, 0, :5] = 0.0  # all trimmed: the majority decides, nothing is picked
+    if tasks > 1:
+        tv[1, 1, :4] = -tv[0, 1, :4]  # exact cancellations
+    thresholds = torch.rand(tasks, generator=gen) * 0.5
+    for majority in (1.0, -1.0, 0.0):
+        for merge in ("mean", "sum"):
+            trimmed = trim(tv, thresholds)
+            want = disjoint_merge(trimmed, elect_sign(trimmed, majority), merge)
+            got = kernels.ties_merge(tv, thresholds, majority, merge == "mean")
+            # Equal up to the rounding of the sums over tasks (sequential here; torch may
+            # pair them up), which the test data keeps away from 0.
+            assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+            votes = float(torch.sign(trimmed.sum(0)).sum())
+            assert kernels.sign_votes(tv, thresholds) == votes

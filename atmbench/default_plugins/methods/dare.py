@@ -6,12 +6,12 @@ Decisions:
 - Every floating-point parameter is dropped, 1-D ones included (FusionBench's
   ``only_on_linear_weights=False``).
 - Masks: ``uniform > p`` keeps an entry (FusionBench's ``rand > p``; official MergeLM draws
-  ``bernoulli(p)`` instead, same law, different stream). Each (seed, parameter, task) has its
-  own random stream (``TensorContext.uniform``, NumPy's SFC64), so masks don't depend on task
-  order or on how the loop splits a parameter into row blocks, and the same cell seed always
-  gives the same masks. Neither upstream seeds this way, so the golden masks are injected in
-  the tests and the sampling is tested on its own. (Version 2: masks were drawn from torch's
-  generator, at half the speed.)
+  ``bernoulli(p)`` instead, same law, different stream). Each (seed, parameter, task) has
+  its own random stream (``TensorContext.uniform``, a counter-based SplitMix64), so masks
+  don't depend on task order or on how the loop splits a parameter into row blocks, and the
+  same cell seed always gives the same masks. Neither upstream seeds this way, so the golden
+  masks are injected in the tests and the sampling is tested on its own. (Version 2: masks
+  were drawn from torch's generator, several times slower.)
 - ``dare_ties`` trims the *dropped and rescaled* vectors with the global TIES threshold, as
   FusionBench's DARE-TIES does; ``prepare`` redraws the same masks while streaming.
   Its k is fixed at 0.2 (not searched) to keep the grid small; its merge and λ are those of

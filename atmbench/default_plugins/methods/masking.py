@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from atmbench import kernels
 from atmbench.hparams import HParam
 from atmbench.method import TaskVectors, TensorContext
 from atmbench.streaming import blocks, floating_keys, row_blocks
@@ -59,24 +60,27 @@ def ties_k(default: float = 0.2, search: tuple = (0.1, 0.2, 0.3)) -> HParam:
 SAMPLE = 1 << 20
 """Magnitudes per task sampled to bracket the threshold before the exact counting pass."""
 
+CAPACITY = 1 << 21
+"""Magnitudes per task the counting pass may keep inside the bracket (about 0.8% of a
+ViT-B-32 tower's 88 M entries fall there); more means the bracket missed."""
+
 _HI_BINS = 1 << 15  # |x| as float32 bits has a clear sign bit: 15 high bits, 16 low bits
 _LO_BINS = 1 << 16
 
 
-def _magnitudes(vectors: TaskVectors, seed: int, transform: Transform | None):
-    """Yield (ctx, |transformed τ| as [T, n]) block by block over every parameter.
+def _transformed(vectors: TaskVectors, seed: int, transform: Transform | None):
+    """Yield the (transformed) task vectors as ``[T, n]``, block by block, every parameter.
 
     The block is a reused buffer (:func:`atmbench.streaming.blocks`): consumers reduce it.
     """
     tasks = len(vectors.tasks)
     for key in floating_keys(vectors):
         for _, ctx, stacked in blocks(vectors, key, seed):
-            tv = transform(stacked, ctx) if transform else stacked
-            yield ctx, tv.abs().reshape(tasks, -1)
+            yield (transform(stacked, ctx) if transform else stacked).reshape(tasks, -1)
 
 
 def _sample(vectors: TaskVectors, seed: int, transform: Transform | None) -> Tensor:
-    """About :data:`SAMPLE` magnitudes per task, sorted: every block's strided share.
+    """About :data:`SAMPLE` magnitudes per task: a strided share of one block in 64.
 
     Only a guess at where the threshold lies (the counting pass checks it), so the stride
     may fall unevenly on a transform's zeros; it reads one in every 64 blocks' rows.
@@ -96,21 +100,19 @@ def _sample(vectors: TaskVectors, seed: int, transform: Transform | None) -> Ten
             tv = transform(stacked, ctx) if transform else stacked
             picked.append(tv.abs().reshape(tasks, -1))
     every = torch.cat(picked, 1) if picked else torch.zeros(tasks, 0)
-    stride = max(1, every.shape[1] // SAMPLE)
-    return every[:, ::stride].sort(1).values
+    return every[:, :: max(1, every.shape[1] // SAMPLE)]
 
 
 def _bracket(sample: Tensor, k: float) -> tuple[Tensor, Tensor]:
     """Per task [lo, hi] around the sample's (1 − k) quantile, wide enough (10 standard
     deviations of a sample quantile, plus slack) that the true threshold is almost surely
     inside; ``lo = 0`` / ``hi = inf`` where the margin runs off the sample."""
-    size = sample.shape[1]
+    tasks, size = sample.shape
     center = (1.0 - k) * size
     margin = 10.0 * math.sqrt(size * k * (1.0 - k)) + 16
     low, high = int(center - margin), int(math.ceil(center + margin))
-    tasks = sample.shape[0]
-    lo = sample[:, low] if 0 <= low < size else torch.zeros(tasks)
-    hi = sample[:, high] if 0 <= high < size else torch.full((tasks,), math.inf)
+    lo = sample.kthvalue(low + 1, 1).values if 0 <= low < size else torch.zeros(tasks)
+    hi = sample.kthvalue(high + 1, 1).values if 0 <= high < size else torch.full((tasks,), math.inf)
     return lo, hi
 
 
@@ -130,28 +132,19 @@ def global_thresholds(
     tasks = len(vectors.tasks)
     lo, hi = _bracket(_sample(vectors, seed, transform), k)
     below = torch.zeros(tasks, dtype=torch.int64)
-    kept: list[list[Tensor]] = [[] for _ in range(tasks)]
-    total = inside_total = 0
-    for _, mags in _magnitudes(vectors, seed, transform):
-        total += mags.shape[1]
-        below += (mags < lo.unsqueeze(1)).sum(1)
-        inside = (mags >= lo.unsqueeze(1)) & (mags <= hi.unsqueeze(1))
-        for values, mask, out in zip(mags, inside, kept, strict=True):
-            out.append(values[mask])
-            inside_total += out[-1].numel()
-        if inside_total > tasks * max(total // 8, SAMPLE):  # a bracket this wide missed
-            return radix_thresholds(vectors, k, seed, transform)
+    kept = torch.empty(tasks, CAPACITY)
+    filled = torch.zeros(tasks, dtype=torch.int64)
+    total = 0
+    for values in _transformed(vectors, seed, transform):
+        total += values.shape[1]
+        kernels.bracket_counts(values, lo, hi, below, kept, filled)
     rank = total - int(total * k)
     if rank <= 0:
         return torch.zeros(tasks)
-    thresholds = torch.empty(tasks)
-    for t, parts in enumerate(kept):
-        candidates = torch.cat(parts) if parts else torch.zeros(0)
-        within = rank - int(below[t])
-        if not 1 <= within <= candidates.numel():
-            return radix_thresholds(vectors, k, seed, transform)
-        thresholds[t] = candidates.kthvalue(within).values
-    return thresholds
+    within = rank - below
+    if bool(((within < 1) | (within > filled) | (filled > CAPACITY)).any()):
+        return radix_thresholds(vectors, k, seed, transform)  # the bracket missed
+    return torch.stack([kept[t, : filled[t]].kthvalue(int(within[t])).values for t in range(tasks)])
 
 
 def _float_bits(magnitudes: Tensor) -> Tensor:
@@ -189,8 +182,8 @@ def radix_thresholds(
     """
     tasks = len(vectors.tasks)
     hi_counts = torch.zeros(tasks, _HI_BINS, dtype=torch.int64)
-    for _, mags in _magnitudes(vectors, seed, transform):
-        hi_counts += _per_task_histogram(_float_bits(mags) >> 16, _HI_BINS)
+    for values in _transformed(vectors, seed, transform):
+        hi_counts += _per_task_histogram(_float_bits(values.abs()) >> 16, _HI_BINS)
     total = int(hi_counts[0].sum())
     rank = total - int(total * k)
     if rank <= 0:
@@ -198,8 +191,8 @@ def radix_thresholds(
     ranks = torch.full((tasks,), rank, dtype=torch.int64)
     hi, rank_in_bin = _locate(hi_counts, ranks)
     lo_counts = torch.zeros(tasks, _LO_BINS, dtype=torch.int64)
-    for _, mags in _magnitudes(vectors, seed, transform):
-        bits = _float_bits(mags)
+    for values in _transformed(vectors, seed, transform):
+        bits = _float_bits(values.abs())
         in_bin = (bits >> 16) == hi.unsqueeze(1).int()
         outside = torch.where(in_bin, bits & 0xFFFF, _LO_BINS)  # one spare bin, sliced off
         lo_counts += _per_task_histogram(outside, _LO_BINS + 1)[:, :_LO_BINS]
@@ -249,18 +242,19 @@ def ties_prepare(
     if not vectors.tasks:
         return None
     thresholds = global_thresholds(vectors, k, seed, transform)
-    votes = 0.0
-    for key in floating_keys(vectors):
-        for _, ctx, stacked in blocks(vectors, key, seed):
-            tv = transform(stacked, ctx) if transform else stacked
-            votes += float(torch.sign(trim(tv, thresholds).sum(0)).sum())
+    votes = sum(
+        kernels.sign_votes(values, thresholds) for values in _transformed(vectors, seed, transform)
+    )
     return TiesState(thresholds, float(torch.sign(torch.tensor(votes))))
 
 
 def ties_merge(task_vectors: Tensor, state: TiesState, merge: str) -> Tensor:
-    """Trim, elect, disjoint merge of one parameter, given the global ``state``."""
-    trimmed = trim(task_vectors, state.thresholds)
-    return disjoint_merge(trimmed, elect_sign(trimmed, state.majority), merge)
+    """Trim, elect, disjoint merge of one parameter (or block), given the global ``state``.
+
+    Runs fused (:func:`atmbench.kernels.ties_merge`); equal, entry for entry, to
+    ``disjoint_merge(t, elect_sign(t, majority), merge)`` with ``t = trim(τ, thresholds)``.
+    """
+    return kernels.ties_merge(task_vectors, state.thresholds, state.majority, merge == "mean")
 
 
 # ---------------------------------------------------------------- DARE
