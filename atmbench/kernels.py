@@ -41,14 +41,19 @@ def _array(tensor: Tensor) -> np.ndarray:
 # ---------------------------------------------------------------- random streams
 
 
+@njit(inline="always")
+def _splitmix(seed, index):
+    z = seed + (index + np.uint64(1)) * _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z = z ^ (z >> np.uint64(31))
+    return np.float32(z >> np.uint64(40)) * np.float32(2.0**-24)
+
+
 @njit(parallel=True, cache=True)
-def _splitmix_uniform(seed: np.uint64, offset: np.uint64, out: np.ndarray) -> None:
+def _uniforms(seed, offset, out):
     for j in prange(out.shape[0]):
-        z = seed + (offset + np.uint64(j) + np.uint64(1)) * _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        z = z ^ (z >> np.uint64(31))
-        out[j] = np.float32(z >> np.uint64(40)) * np.float32(2.0**-24)
+        out[j] = _splitmix(seed, offset + np.uint64(j))
 
 
 def uniform(seed: int, offset: int, count: int) -> Tensor:
@@ -60,7 +65,7 @@ def uniform(seed: int, offset: int, count: int) -> Tensor:
     """
     _threads()
     out = np.empty(count, dtype=np.float32)
-    _splitmix_uniform(np.uint64(seed), np.uint64(offset), out)
+    _uniforms(np.uint64(seed), np.uint64(offset), out)
     return torch.from_numpy(out)
 
 
@@ -176,3 +181,62 @@ def bracket_counts(
         kept.numpy(),
         filled.numpy(),
     )
+
+
+# ---------------------------------------------------------------- DARE
+
+
+@njit(parallel=True, cache=True)
+def _dare(tv, seeds, offset, p, survivors, out):
+    tasks, n = tv.shape
+    chunks = (n + CHUNK - 1) // CHUNK
+    for index in prange(tasks * chunks):
+        t = np.int64(index) // chunks
+        start = (np.int64(index) - t * chunks) * CHUNK
+        for j in range(start, min(n, start + CHUNK)):
+            keep = _splitmix(seeds[t], offset + np.uint64(j)) > p
+            out[t, j] = tv[t, j] * (np.float32(1.0) if keep else np.float32(0.0)) / survivors
+
+
+def dare(task_vectors: Tensor, seeds: list[int], offset: int, p: float) -> Tensor:
+    """τ_t ⊙ (u_t > p) / (1 − p) with u_t the :func:`uniform` stream of ``seeds[t]`` from
+    ``offset``: the fused form of ``masking.dare_rescale(τ, masks, p)``, same float32 steps."""
+    _threads()
+    out = np.empty((task_vectors.shape[0], task_vectors[0].numel()), dtype=np.float32)
+    _dare(
+        _array(task_vectors),
+        np.array(seeds, dtype=np.uint64),
+        np.uint64(offset),
+        np.float32(p),
+        np.float32(1.0 - p),
+        out,
+    )
+    return torch.from_numpy(out).view(task_vectors.shape)
+
+
+# ---------------------------------------------------------------- Consensus / TALL masks
+
+
+@njit(parallel=True, cache=True)
+def _consensus(tv, merged, lam, agree, out):
+    n = tv.shape[1]
+    for chunk in prange((n + CHUNK - 1) // CHUNK):
+        start = chunk * CHUNK
+        stop = min(n, start + CHUNK)
+        votes = np.zeros(CHUNK, dtype=np.int64)
+        for t in range(tv.shape[0]):
+            for j in range(start, stop):
+                v = tv[t, j]
+                votes[j - start] += 1 if abs(v) > lam * abs(merged[j] - v) else 0
+        for j in range(start, stop):
+            out[j] = merged[j] * (np.float32(1.0) if votes[j - start] >= agree else np.float32(0.0))
+
+
+def consensus(task_vectors: Tensor, merged: Tensor, lam: float, agree: int) -> Tensor:
+    """τ_MTL ⊙ 1{#{t : |τ_t| > λ|τ_MTL − τ_t|} ≥ agree} of one block: the fused form of
+    ``merged * consensus_mask(tall_masks(τ, merged, λ), agree)``."""
+    _threads()
+    out = np.empty(merged.numel(), dtype=np.float32)
+    flat = merged.float().contiguous().reshape(-1).numpy()
+    _consensus(_array(task_vectors), flat, np.float32(lam), agree, out)
+    return torch.from_numpy(out).view(merged.shape)

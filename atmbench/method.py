@@ -48,7 +48,7 @@ class TensorContext:
         For whole-tensor methods; a ``rowwise`` method draws with :meth:`uniform`, which
         does not depend on how the parameter is split into blocks.
         """
-        return torch.Generator().manual_seed(self._task_seed(task_index))
+        return torch.Generator().manual_seed(self.task_seed(task_index))
 
     def uniform(self, task_index: int, shape: Sequence[int]) -> Tensor:
         """float32 uniforms in [0, 1) for this block's entries, from the (seed, parameter,
@@ -61,9 +61,10 @@ class TensorContext:
         ``torch.rand(...) > p`` exactly.
         """
         count = math.prod(shape)
-        return kernels.uniform(self._task_seed(task_index), self.offset, count).view(tuple(shape))
+        return kernels.uniform(self.task_seed(task_index), self.offset, count).view(tuple(shape))
 
-    def _task_seed(self, task_index: int) -> int:
+    def task_seed(self, task_index: int) -> int:
+        """The seed of task ``task_index``'s streams for this parameter."""
         task = self.tasks[task_index] if self.tasks else ""
         return derive(self.seed, self.key, task)
 

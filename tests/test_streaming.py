@@ -12,14 +12,25 @@ from atmbench import kernels, registry
 from atmbench.default_plugins.methods import masking
 from atmbench.default_plugins.methods.masking import (
     _sorted_band,
+    consensus_mask,
+    dare,
+    dare_keep_masks,
+    dare_rescale,
     disjoint_merge,
     elect_sign,
     global_thresholds,
     middle_band,
     radix_thresholds,
+    tall_masks,
     trim,
 )
-from atmbench.method import FileTaskVectors, InMemoryTaskVectors, MergeInputError, MergeMethod
+from atmbench.method import (
+    FileTaskVectors,
+    InMemoryTaskVectors,
+    MergeInputError,
+    MergeMethod,
+    TensorContext,
+)
 from atmbench.streaming import BLOCK, merged_task_vector, row_blocks
 
 ROWWISE = ("average", "ta", "ties", "dare_ta", "dare_ties", "breadcrumbs", "consensus_ta")
@@ -187,3 +198,23 @@ def test_fused_ties_kernel_matches_the_torch_definition(tasks):
             assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
             votes = float(torch.sign(trimmed.sum(0)).sum())
             assert kernels.sign_votes(tv, thresholds) == votes
+
+
+def test_fused_dare_matches_masks_times_rescale():
+    gen = torch.Generator().manual_seed(0)
+    tv = torch.randn(3, 30, 11, generator=gen)
+    ctx = TensorContext("w", ("a", "b", "c"), seed=4, offset=330)
+    for p in (0.0, 0.3, 0.9):
+        want = dare_rescale(tv, dare_keep_masks(tv, ctx, p), p)
+        assert torch.equal(dare(tv, ctx, p), want)
+
+
+@pytest.mark.parametrize("agree", [0, 1, 2, 3])
+def test_fused_consensus_matches_the_tall_mask_definition(agree):
+    gen = torch.Generator().manual_seed(agree)
+    tv = torch.randn(3, 40, 60, generator=gen)
+    tv[0, 0, :3] = 0.0
+    merged = tv.sum(0)
+    for lam in (0.2, 0.6, 1.0):
+        want = merged * consensus_mask(tall_masks(tv, merged, lam), agree)
+        assert torch.equal(kernels.consensus(tv, merged, lam, agree), want)

@@ -27,11 +27,10 @@ from dataclasses import replace
 
 from torch import Tensor
 
+from atmbench import kernels
 from atmbench.default_plugins.methods import ta
 from atmbench.default_plugins.methods.masking import (
     MERGE,
-    consensus_mask,
-    tall_masks,
     ties_k,
     ties_merge,
     ties_prepare,
@@ -58,8 +57,9 @@ TIES_MERGE = replace(MERGE, default="sum")
 
 
 def consensus(merged: Tensor, task_vectors: Tensor, mask_lam: float, agree: int) -> Tensor:
-    """τ_MTL ⊙ 1{Σ_t m_t ≥ agree}."""
-    return merged * consensus_mask(tall_masks(task_vectors, merged, mask_lam), agree)
+    """τ_MTL ⊙ 1{Σ_t m_t ≥ agree}: ``merged * consensus_mask(tall_masks(...), agree)``, fused
+    (:func:`atmbench.kernels.consensus`)."""
+    return kernels.consensus(task_vectors, merged, mask_lam, agree)
 
 
 def consensus_ta(

@@ -276,7 +276,9 @@ def dare_rescale(task_vectors: Tensor, keep: Tensor, p: float) -> Tensor:
 
 
 def dare(task_vectors: Tensor, ctx: TensorContext, p: float) -> Tensor:
-    return dare_rescale(task_vectors, dare_keep_masks(task_vectors, ctx, p), p)
+    """``dare_rescale(τ, dare_keep_masks(τ, ctx, p), p)``, fused (:func:`atmbench.kernels.dare`)."""
+    seeds = [ctx.task_seed(t) for t in range(len(task_vectors))]
+    return kernels.dare(task_vectors, seeds, ctx.offset, p)
 
 
 # ---------------------------------------------------------------- Consensus / TALL masks
