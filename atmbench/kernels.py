@@ -70,44 +70,53 @@ def uniform(seed: int, offset: int, count: int) -> Tensor:
 
 
 # ---------------------------------------------------------------- TIES
+#
+# Style that LLVM vectorizes: 1-D row slices, and selects written as products with 0/1
+# (v · 1{cond}); ternaries and 2-D indexing in the inner loops cost 3x.
 
 
 @njit(inline="always")
 def _trimmed_sums(tv, thresholds, start, stop, total):
-    total[: stop - start] = 0.0
+    total[:] = 0.0
     for t in range(tv.shape[0]):
         threshold = thresholds[t]
-        for j in range(start, stop):
-            v = tv[t, j]
-            total[j - start] += v if abs(v) >= threshold else np.float32(0.0)
+        row = tv[t, start:stop]
+        for j in range(stop - start):
+            v = row[j]
+            total[j] += v * np.float32(abs(v) >= threshold)
 
 
 @njit(parallel=True, cache=True)
 def _ties(tv, thresholds, majority, mean, out):
     n = tv.shape[1]
+    fallback = np.float32(1.0) if majority > 0 else np.float32(-1.0)
     for chunk in prange((n + CHUNK - 1) // CHUNK):
         start = chunk * CHUNK
         stop = min(n, start + CHUNK)
-        total = np.empty(CHUNK, dtype=np.float32)
+        size = stop - start
+        total = np.empty(size, dtype=np.float32)
         _trimmed_sums(tv, thresholds, start, stop, total)
         # Elected direction: sign of the sum, the majority where it is 0; a 0 majority
         # keeps the negative entries (the official where(γ > 0, τ̂ > 0, τ̂ < 0)).
-        fallback = np.float32(1.0) if majority > 0 else np.float32(-1.0)
-        direction = np.empty(CHUNK, dtype=np.float32)
-        for j in range(stop - start):
-            s = total[j]
-            direction[j] = np.float32(1.0) if s > 0 else (np.float32(-1.0) if s < 0 else fallback)
-        picked = np.zeros(CHUNK, dtype=np.float32)
-        count = np.zeros(CHUNK, dtype=np.float32)
+        direction = np.empty(size, dtype=np.float32)
+        for j in range(size):
+            d = np.float32(total[j] > 0) - np.float32(total[j] < 0)
+            direction[j] = d + fallback * np.float32(d == 0)
+        picked = np.zeros(size, dtype=np.float32)
+        count = np.zeros(size, dtype=np.float32)
         for t in range(tv.shape[0]):
             threshold = thresholds[t]
-            for j in range(start, stop):
-                v = tv[t, j]
-                agree = abs(v) >= threshold and v * direction[j - start] > 0
-                picked[j - start] += v if agree else np.float32(0.0)
-                count[j - start] += np.float32(1.0) if agree else np.float32(0.0)
-        for j in range(stop - start):
-            out[start + j] = picked[j] / max(count[j], np.float32(1.0)) if mean else picked[j]
+            row = tv[t, start:stop]
+            for j in range(size):
+                v = row[j]
+                agree = np.float32((abs(v) >= threshold) & (v * direction[j] > 0))
+                picked[j] += v * agree
+                count[j] += agree
+        if mean:
+            for j in range(size):
+                out[start + j] = picked[j] / max(count[j], np.float32(1.0))
+        else:
+            out[start:stop] = picked
 
 
 def ties_merge(task_vectors: Tensor, thresholds: Tensor, majority: float, mean: bool) -> Tensor:
@@ -126,11 +135,11 @@ def _votes(tv, thresholds):
     for chunk in prange((n + CHUNK - 1) // CHUNK):
         start = chunk * CHUNK
         stop = min(n, start + CHUNK)
-        total = np.empty(CHUNK, dtype=np.float32)
+        total = np.empty(stop - start, dtype=np.float32)
         _trimmed_sums(tv, thresholds, start, stop, total)
-        part = 0.0
+        part = np.float32(0.0)  # exact: at most CHUNK = 2048 votes of ±1
         for j in range(stop - start):
-            part += 1.0 if total[j] > 0 else (-1.0 if total[j] < 0 else 0.0)
+            part += np.float32(total[j] > 0) - np.float32(total[j] < 0)
         votes += part
     return votes
 
@@ -143,24 +152,26 @@ def sign_votes(task_vectors: Tensor, thresholds: Tensor) -> float:
 
 @njit(parallel=True, cache=True)
 def _bracket(tv, lo, hi, below, kept, filled):
+    capacity = kept.shape[1] - CHUNK  # slack: a chunk is compacted before it is checked
     for t in prange(tv.shape[0]):
         low, high, count, f = lo[t], hi[t], 0, filled[t]
         for start in range(0, tv.shape[1], CHUNK):
-            stop = min(tv.shape[1], start + CHUNK)
-            under = 0
-            inside = 0
-            for j in range(start, stop):  # branch-free: vectorized
-                a = abs(tv[t, j])
-                under += 1 if a < low else 0
-                inside += 1 if a <= high else 0
-            count += under
-            if inside > under:  # some of this chunk falls in [lo, hi]: collect it
-                for j in range(start, stop):
-                    a = abs(tv[t, j])
-                    if low <= a <= high:
-                        if f < kept.shape[1]:
-                            kept[t, f] = a
-                        f += 1
+            row = tv[t, start : start + CHUNK]
+            under = np.float32(0.0)  # exact: at most CHUNK
+            for j in range(row.shape[0]):
+                under += np.float32(abs(row[j]) < low)
+            count += np.int64(under)
+            if f <= capacity:  # branch-free compaction of [lo, hi]; the slack holds a chunk
+                target = kept[t]
+                for j in range(row.shape[0]):
+                    a = abs(row[j])
+                    target[f] = a
+                    f += np.int64((a >= low) & (a <= high))
+            else:  # overflowing: only count, so the caller sees the miss
+                inside = np.float32(0.0)
+                for j in range(row.shape[0]):
+                    inside += np.float32((abs(row[j]) >= low) & (abs(row[j]) <= high))
+                f += np.int64(inside)
         below[t] += count
         filled[t] = f
 
@@ -169,8 +180,9 @@ def bracket_counts(
     task_vectors: Tensor, lo: Tensor, hi: Tensor, below: Tensor, kept: Tensor, filled: Tensor
 ) -> None:
     """Per task, add the number of |τ| < lo to ``below`` and append the |τ| in [lo, hi] to
-    ``kept`` (a preallocated ``[T, capacity]`` buffer; ``filled`` counts past capacity too,
-    so an overflow is visible). The only kernel that writes its arguments: the accumulators.
+    ``kept`` (a preallocated ``[T, capacity + CHUNK]`` buffer; ``filled`` counts past
+    capacity too, so an overflow is visible). The only kernel that writes its arguments:
+    the accumulators.
     """
     _threads()
     _bracket(
@@ -193,9 +205,12 @@ def _dare(tv, seeds, offset, p, survivors, out):
     for index in prange(tasks * chunks):
         t = np.int64(index) // chunks
         start = (np.int64(index) - t * chunks) * CHUNK
-        for j in range(start, min(n, start + CHUNK)):
-            keep = _splitmix(seeds[t], offset + np.uint64(j)) > p
-            out[t, j] = tv[t, j] * (np.float32(1.0) if keep else np.float32(0.0)) / survivors
+        row = tv[t, start : start + CHUNK]
+        target = out[t, start : start + CHUNK]
+        first = offset + np.uint64(start)
+        for j in range(row.shape[0]):
+            keep = np.float32(_splitmix(seeds[t], first + np.uint64(j)) > p)
+            target[j] = row[j] * keep / survivors
 
 
 def dare(task_vectors: Tensor, seeds: list[int], offset: int, p: float) -> Tensor:
@@ -223,13 +238,14 @@ def _consensus(tv, merged, lam, agree, out):
     for chunk in prange((n + CHUNK - 1) // CHUNK):
         start = chunk * CHUNK
         stop = min(n, start + CHUNK)
-        votes = np.zeros(CHUNK, dtype=np.int64)
+        base = merged[start:stop]
+        votes = np.zeros(stop - start, dtype=np.float32)
         for t in range(tv.shape[0]):
-            for j in range(start, stop):
-                v = tv[t, j]
-                votes[j - start] += 1 if abs(v) > lam * abs(merged[j] - v) else 0
-        for j in range(start, stop):
-            out[j] = merged[j] * (np.float32(1.0) if votes[j - start] >= agree else np.float32(0.0))
+            row = tv[t, start:stop]
+            for j in range(stop - start):
+                votes[j] += np.float32(abs(row[j]) > lam * abs(base[j] - row[j]))
+        for j in range(stop - start):
+            out[start + j] = base[j] * np.float32(votes[j] >= agree)
 
 
 def consensus(task_vectors: Tensor, merged: Tensor, lam: float, agree: int) -> Tensor:

@@ -31,7 +31,7 @@ from atmbench.default_plugins.methods.spectral import (
     alpha_scale,
     is_matrix,
     polar,
-    svd,
+    singular_values_and_polar,
     top_triplets,
 )
 from atmbench.hookspecs import hookimpl
@@ -50,8 +50,8 @@ COMMON_FRACTION = HParam(
 def iso_c(base: Tensor, task_vectors: Tensor, ctx: TensorContext) -> Tensor:
     if not is_matrix(base):
         return task_vectors.mean(0)
-    u, s, vh = svd(task_vectors.sum(0))
-    return s.mean() * (u @ vh)
+    s, p = singular_values_and_polar(task_vectors.sum(0))
+    return s.mean() * p
 
 
 def split_rank(rank: int, tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -67,8 +67,7 @@ def iso_cts(
     if not is_matrix(base):
         return task_vectors.mean(0)
     k, n = split_rank(min(base.shape), len(task_vectors), common_fraction)
-    u, s, vh = svd(task_vectors.sum(0))
-    u, s, vh = u[:, :k], s[:k], vh[:k]
+    u, s, vh = top_triplets(task_vectors.sum(0, keepdim=True), k)
     if n:
         specific = task_vectors - u @ (u.T @ task_vectors)
         u_t, s_t, vh_t = top_triplets(specific, n)

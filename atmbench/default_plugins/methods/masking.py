@@ -132,7 +132,7 @@ def global_thresholds(
     tasks = len(vectors.tasks)
     lo, hi = _bracket(_sample(vectors, seed, transform), k)
     below = torch.zeros(tasks, dtype=torch.int64)
-    kept = torch.empty(tasks, CAPACITY)
+    kept = torch.empty(tasks, CAPACITY + kernels.CHUNK)
     filled = torch.zeros(tasks, dtype=torch.int64)
     total = 0
     for values in _transformed(vectors, seed, transform):
