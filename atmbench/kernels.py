@@ -260,3 +260,78 @@ def consensus(task_vectors: Tensor, merged: Tensor, lam: float, agree: int) -> T
     flat = merged.float().contiguous().reshape(-1).numpy()
     _consensus(_array(task_vectors), flat, np.float32(lam), agree, out)
     return torch.from_numpy(out).view(merged.shape)
+
+
+# ---------------------------------------------------------------- Breadcrumbs band
+
+
+@njit(inline="always")
+def _select(a, lo, hi, k):
+    """The k-th smallest of a[lo..hi] (quickselect, median-of-three Hoare partitions), left
+    at a[k] with a[lo..k] ≤ a[k] ≤ a[k..hi]."""
+    while hi > lo:
+        mid = (lo + hi) >> 1
+        if a[mid] < a[lo]:
+            a[mid], a[lo] = a[lo], a[mid]
+        if a[hi] < a[lo]:
+            a[hi], a[lo] = a[lo], a[hi]
+        if a[hi] < a[mid]:
+            a[hi], a[mid] = a[mid], a[hi]
+        pivot = a[mid]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            break
+    return a[k]
+
+
+ROWS = 16
+"""Rows per parallel task in the band kernel: one scratch row serves them all."""
+
+
+@njit(parallel=True, cache=True)
+def _band(rows, start, stop, band, repeats):
+    count, cols = rows.shape
+    for group in prange((count + ROWS - 1) // ROWS):
+        scratch = np.empty(cols, dtype=np.float32)
+        for r in range(group * ROWS, min(count, (group + 1) * ROWS)):
+            row = rows[r]
+            for j in range(cols):
+                scratch[j] = abs(row[j])
+            # Linear-time selection instead of a sort: the stop-th largest bounds the band
+            # below; the (start+1)-th largest, among the values above it, bounds it above.
+            lower = _select(scratch, 0, cols - 1, cols - stop)
+            upper = _select(scratch, cols - stop, cols - 1, cols - start - 1)
+            inside = 0
+            for j in range(cols):
+                keep = (abs(row[j]) <= upper) & (abs(row[j]) >= lower)
+                band[r, j] = keep
+                inside += np.int32(keep)
+            repeats[r] = inside != stop - start
+
+
+def middle_band(tensor: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    """Per row of ``tensor`` (last dimension), the entries whose |τ| lies between the
+    stop-th and the (start+1)-th largest: Breadcrumbs' band wherever those bounds are not
+    repeated. Returns the mask and, per row, whether it holds ≠ stop − start entries (a
+    repeat at a bound, which only a position rule can settle). Needs 0 ≤ start < stop."""
+    _threads()
+    rows = tensor.detach().float().contiguous().reshape(-1, tensor.shape[-1]).numpy()
+    band = np.empty(rows.shape, dtype=np.bool_)
+    repeats = np.empty(rows.shape[0], dtype=np.bool_)
+    _band(rows, start, stop, band, repeats)
+    return torch.from_numpy(band).view(tensor.shape), torch.from_numpy(repeats).view(
+        tensor.shape[:-1]
+    )

@@ -304,8 +304,9 @@ def middle_band(tensor: Tensor, keep: float, outliers: float) -> Tensor:
     keep the int(c·keep) largest of what remains (a 1-D tensor is one row; a 0-D tensor is
     kept whole). Ties are broken by a stable sort, i.e. by position.
 
-    Two order statistics per row (``kthvalue``, linear time) bound the band; only rows with
-    repeated values at a bound need the position rule, and only those pay for a sort.
+    Two order statistics per row (quickselect, :func:`atmbench.kernels.middle_band`) bound
+    the band; only rows with repeated values at a bound need the position rule, and only
+    those pay for a sort.
     """
     if tensor.dim() == 0:
         return torch.ones_like(tensor, dtype=torch.bool)
@@ -314,14 +315,9 @@ def middle_band(tensor: Tensor, keep: float, outliers: float) -> Tensor:
     stop = min(start + int(cols * keep), cols)
     if stop <= start:
         return torch.zeros_like(tensor, dtype=torch.bool)
-    magnitude = tensor.abs()
-    upper = magnitude.kthvalue(cols - start, dim=-1, keepdim=True).values  # (start+1)-th largest
-    lower = magnitude.kthvalue(cols - stop + 1, dim=-1, keepdim=True).values  # stop-th largest
-    band = (magnitude <= upper) & (magnitude >= lower)
-    # Without repeats at the bounds the band holds exactly stop - start entries per row.
-    repeats = band.sum(-1) != stop - start
+    band, repeats = kernels.middle_band(tensor, start, stop)
     if bool(repeats.any()):
-        band[repeats] = _sorted_band(magnitude[repeats], start, stop)
+        band[repeats] = _sorted_band(tensor[repeats].abs(), start, stop)
     return band
 
 
