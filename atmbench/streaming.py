@@ -65,6 +65,8 @@ class _Stacker:
         if self._buffer.numel() < size:
             self._buffer = torch.empty(size)
         stacked = self._buffer[:size].view(shape)
+        if all(t.dtype == torch.float32 for t in tensors):
+            return torch.stack(tensors, out=stacked)  # one call instead of T
         for row, tensor in zip(stacked, tensors, strict=True):
             row.copy_(tensor)
         return stacked
