@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atmbench.default_plugins.methods import spectral
+from atmbench.default_plugins.methods import iso, spectral
 
 
 def _random(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -99,3 +99,62 @@ def test_polar_falls_back_to_the_svd_on_a_rank_deficient_matrix(transpose, svd_c
     assert svd_calls == [tuple(matrix.shape)]
     ref_p, ref_s, ref_qh = torch.linalg.svd(matrix, full_matrices=False)
     assert torch.equal(s, ref_s) and torch.equal(p, ref_p @ ref_qh)
+
+
+@pytest.mark.parametrize("k", [2, 20])  # k ≤ n/6 = 12: SciPy's subset solver; more: torch
+def test_top_eigh_matches_the_full_eigendecomposition(k):
+    x = _random(3, 80, 72).double()
+    gram = x.mT @ x
+    lam, w = spectral.top_eigh(gram, k)
+    ref_lam, ref_w = torch.linalg.eigh(gram)
+    assert lam.shape == (3, k) and w.shape == (3, 72, k) and lam.dtype == torch.float64
+    assert torch.allclose(lam, ref_lam[:, -k:].flip(-1), rtol=1e-12, atol=0)
+    # Eigenvectors up to sign: |wᵀ w_ref| is the identity.
+    overlap = (w.mT @ ref_w[:, :, -k:].flip(-1)).abs()
+    assert torch.allclose(overlap, torch.eye(k, dtype=torch.float64).expand(3, k, k), atol=1e-10)
+
+
+def _iso_cts_reference(vectors: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """Iso-CTS as the official code computes it, with float64 SVDs throughout."""
+    vectors = vectors.double()
+    m, cols = vectors.shape[1:]
+
+    def polar(a):
+        p, _, qh = torch.linalg.svd(a, full_matrices=False)
+        return p @ qh
+
+    u, s, vh = torch.linalg.svd(vectors.sum(0), full_matrices=False)
+    u, s, vh = u[:, :k], s[:k], vh[:k]
+    u_t, s_t, vh_t = torch.linalg.svd(vectors - u @ (u.T @ vectors), full_matrices=False)
+    u = torch.cat([u_t[:, :, :n].permute(1, 0, 2).reshape(m, -1), u], 1)
+    s = torch.cat([s_t[:, :n].reshape(-1), s])
+    vh = torch.cat([vh_t[:, :n].reshape(-1, cols), vh])
+    return s.mean() * (polar(u) @ polar(vh))
+
+
+@pytest.mark.parametrize("shape", [(3, 20, 40), (3, 30, 30), (4, 40, 20)])
+@pytest.mark.parametrize("common_fraction", [0.0, 0.5, 0.8])
+def test_iso_cts_matches_the_float64_svd_reference(shape, common_fraction, monkeypatch):
+    """The m ≤ n complement path (and the projecting path for m > n) against float64 SVDs."""
+    calls, real = [], iso.iso_cts_in_complement
+
+    def recording(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(iso, "iso_cts_in_complement", recording)
+    vectors = _random(*shape)
+    k, n = iso.split_rank(min(shape[1:]), shape[0], common_fraction)
+    delta = iso.iso_cts(torch.zeros(shape[1:]), vectors, None, common_fraction)
+    assert delta.dtype == torch.float32
+    assert calls == ([shape] if n and shape[1] <= shape[2] else [])
+    ref = _iso_cts_reference(vectors, k, n)
+    assert torch.allclose(delta.double(), ref, atol=1e-5 * ref.abs().max())
+
+
+def test_iso_cts_in_complement_declines_a_sum_lacking_rank_within_k():
+    vectors = _low_rank(3, 20, 40, rank=2)  # the sum has rank ≤ 6 < k = 17
+    assert iso.split_rank(20, 3, 0.8) == (17, 1)
+    assert iso.iso_cts_in_complement(vectors, 17, 1) is None
+    delta = iso.iso_cts(torch.zeros(20, 40), vectors, None, 0.8)
+    assert torch.isfinite(delta).all()

@@ -20,6 +20,13 @@ Decisions, checked against ``tests/data/golden/iso_{c,cts,cts_f05}.safetensors``
 - With one task neither method gives the expert back: the spectrum is flattened (Iso-CTS
   then equals Iso-C); the "other" tensors are the expert's.
 - α defaults to 1 (official config and FusionBench); searched over 0.1 … 3.0 on validation.
+
+Speed: when m ≤ n the sum's left singular vectors form a complete basis of ℝᵐ, so the
+projector I − U_c U_cᵀ is B Bᵀ with B the other m − k = T·n of them, all from one float64
+eigendecomposition of the sum's Gram. Each residual B Bᵀ τ_t then has the triplets of the
+small Bᵀ τ_t (T·n rows) with left vectors mapped by B, and since [B, U_c] is orthogonal,
+polar([B A, U_c]) = [B polar(A), U_c]: neither the residuals nor the m×m polar factor are
+formed (the m > n matrices project explicitly, as the official code does).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 from torch import Tensor
 
 from atmbench.default_plugins.methods.spectral import (
+    GRAM_RTOL,
     alpha_scale,
     is_matrix,
     polar,
@@ -61,12 +69,38 @@ def split_rank(rank: int, tasks: int, common_fraction: float) -> tuple[int, int]
     return rank - tasks * per_task, per_task
 
 
+def iso_cts_in_complement(task_vectors: Tensor, k: int, n: int) -> Tensor | None:
+    """Iso-CTS's Δ for [T, m, n'] task vectors with m ≤ n' (see the module docstring).
+
+    The sum's float64 Gram eigendecomposition S Sᵀ = W Λ Wᵀ gives U_c (top k columns of W),
+    σ_c = √λ and V_cᵀ = U_cᵀ S / σ_c, and B (the other T·n columns). ``None`` when the k-th
+    eigenvalue is too small to divide by (``spectral.GRAM_RTOL``): the general path's SVD
+    fallback then handles the sum.
+    """
+    total = task_vectors.sum(0).double()
+    lam, w = torch.linalg.eigh(total @ total.mT)  # ascending
+    rest = lam.shape[0] - k
+    lam_c, u_c, basis = lam[rest:].flip(0), w[:, rest:].flip(1), w[:, :rest]
+    if not bool((lam_c[-1:] > GRAM_RTOL * lam_c[:1]).all()):  # k = 0 has no eigenvalue
+        return None
+    s_c = lam_c.sqrt()
+    vh_c = (u_c.mT @ total) / s_c[:, None]
+    u_t, s_t, vh_t = top_triplets(basis.mT @ task_vectors.double(), n)
+    s = torch.cat([s_t, s_c])
+    p_u = torch.cat([basis @ polar(u_t), u_c], 1)
+    return (s.mean() * (p_u @ polar(torch.cat([vh_t, vh_c])))).to(task_vectors.dtype)
+
+
 def iso_cts(
     base: Tensor, task_vectors: Tensor, ctx: TensorContext, common_fraction: float
 ) -> Tensor:
     if not is_matrix(base):
         return task_vectors.mean(0)
     k, n = split_rank(min(base.shape), len(task_vectors), common_fraction)
+    if n and base.shape[0] <= base.shape[1]:
+        delta = iso_cts_in_complement(task_vectors, k, n)
+        if delta is not None:
+            return delta
     u, s, vh = top_triplets(task_vectors.sum(0, keepdim=True), k)
     if n:
         specific = task_vectors - u @ (u.T @ task_vectors)

@@ -6,7 +6,10 @@ Speed: the merges need only part of each SVD (TSV-M keeps ⌊r/T⌋ triplets per
 only the polar factor and the singular values, and these follow from the eigendecomposition
 of the smaller Gram matrix (AᵀA or AAᵀ). In float64 that costs roughly half a float32 CPU
 SVD of a 3072×768 matrix and a third of a 768×3072 one (square matrices gain nothing, but
-lose nothing either). Squaring a matrix squares its condition number, so the Gram path is taken
+lose nothing either). Where only a few eigenpairs are wanted (k ≤ n/6) they come from
+LAPACK's subset solver (syevr via SciPy), which skips the eigenvectors not asked for: at
+ViT-B-32 size the top 96 of 768 cost about 75 % of a full eigh and the top 19 about 40 %.
+Squaring a matrix squares its condition number, so the Gram path is taken
 only where the eigenvalues it divides by are at least √ε₆₄ ≈ 1.5e-8 of the largest: the
 relative error this adds, about ε₆₄ λ_max/λ, stays below float32 rounding, and the results
 match float64 SVDs more closely than float32 SVDs do. Otherwise (zero or rank-deficient
@@ -16,6 +19,8 @@ official code does. Outputs keep the input dtype.
 
 from __future__ import annotations
 
+import numpy as np
+import scipy.linalg
 import torch
 from torch import Tensor
 
@@ -86,6 +91,33 @@ def polar(matrix: Tensor) -> Tensor:
     return singular_values_and_polar(matrix)[1]
 
 
+# Largest share k/n of eigenpairs for which the subset solver beats torch's full eigh.
+SUBSET_SHARE = 1 / 6
+
+
+def top_eigh(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-``k`` eigenpairs of each symmetric float64 matrix in ``gram`` [T, n, n], descending.
+
+    Returns λ [T, k] and W [T, n, k]. Few pairs (k ≤ n/6) come from SciPy's syevr with an
+    index subset, one matrix at a time (it is not batched); more from ``torch.linalg.eigh``,
+    which computes all n. Both read the lower triangle only.
+    """
+    n = gram.shape[-1]
+    if 0 < k <= SUBSET_SHARE * n:
+        pairs = [
+            scipy.linalg.eigh(
+                g.numpy(), subset_by_index=[n - k, n - 1], driver="evr", check_finite=False
+            )
+            for g in gram
+        ]
+        lam = torch.from_numpy(np.stack([p[0] for p in pairs]))
+        w = torch.from_numpy(np.stack([p[1] for p in pairs]))
+    else:
+        lam, w = torch.linalg.eigh(gram)
+        lam, w = lam[:, n - k :], w[:, :, n - k :]  # k = 0 keeps nothing
+    return lam.flip(-1), w.flip(-1)
+
+
 def top_triplets(task_vectors: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Each task's top-``k`` singular triplets, concatenated task by task.
 
@@ -99,9 +131,7 @@ def top_triplets(task_vectors: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     tall = m >= n
     x = task_vectors.double()
     x = x if tall else x.mT
-    lam, w = torch.linalg.eigh(x.mT @ x)
-    top = slice(lam.shape[-1] - k, None)  # eigh sorts ascending; k = 0 keeps nothing
-    lam, w = lam[:, top].flip(-1), w[:, :, top].flip(-1)
+    lam, w = top_eigh(x.mT @ x, k)
     # [:, -1:] and [:, :1] rather than [:, -1] and [:, 0], which k = 0 has not.
     if bool((lam[:, -1:] > GRAM_RTOL * lam[:, :1]).all()):
         s = lam.sqrt()
