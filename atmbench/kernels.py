@@ -5,12 +5,13 @@ entry. As separate torch operations each one streams the stacked task vectors th
 cache again, and together they cost ~50x the time of reading the bytes once; fused into one
 loop per entry they cost about one read. The torch functions in
 :mod:`atmbench.default_plugins.methods.masking` stay the readable definition of the math
-(and what the tests compare these kernels against, bit for bit).
+(and what the tests compare these kernels against).
 
 Every kernel takes task vectors as one C-contiguous float32 ``[T, n]`` array (a row block
 of a parameter, flattened), never mutates it, and walks the entries in chunks whose inner
-loops run over contiguous memory, so LLVM vectorizes them. Sums over tasks run in task
-order, as ``torch.sum(dim=0)`` does, so results equal the torch reference exactly.
+loops run over contiguous memory, so LLVM vectorizes them. DARE, consensus and the band
+equal the torch reference exactly; TIES sums over tasks in task order where
+``torch.sum(dim=0)`` may pair terms, so it can differ from it by a rounding of those sums.
 """
 
 from __future__ import annotations

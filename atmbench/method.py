@@ -129,11 +129,16 @@ class TaskVectors(Protocol):
     def keys(self, task: str) -> Iterable[str]: ...
 
 
-def _stack(key: str, tasks: tuple[str, ...], tensors: list[Tensor]) -> Tensor:
+def same_shape(key: str, tasks: tuple[str, ...], tensors: list[Tensor]) -> list[Tensor]:
+    """``tensors`` (parameter ``key`` of each task), or an error naming every task's shape."""
     shapes = {t: tuple(v.shape) for t, v in zip(tasks, tensors, strict=True)}
     if len(set(shapes.values())) > 1:
         raise MergeInputError(f"parameter {key!r} has different shapes across tasks: {shapes}")
-    return torch.stack(tensors)
+    return tensors
+
+
+def _stack(key: str, tasks: tuple[str, ...], tensors: list[Tensor]) -> Tensor:
+    return torch.stack(same_shape(key, tasks, tensors))
 
 
 class InMemoryTaskVectors:

@@ -30,6 +30,7 @@ from atmbench.method import (
     TaskVectors,
     TensorContext,
     check_keys,
+    same_shape,
 )
 
 BLOCK = 1 << 16
@@ -73,11 +74,7 @@ class _Stacker:
 
 
 def _per_task(vectors: TaskVectors, key: str) -> list[Tensor]:
-    tensors = [vectors.get(t, key) for t in vectors.tasks]
-    shapes = {t: tuple(v.shape) for t, v in zip(vectors.tasks, tensors, strict=True)}
-    if len(set(shapes.values())) > 1:
-        raise MergeInputError(f"parameter {key!r} has different shapes across tasks: {shapes}")
-    return tensors
+    return same_shape(key, tuple(vectors.tasks), [vectors.get(t, key) for t in vectors.tasks])
 
 
 def _check_finite(vectors: TaskVectors, key: str, stacked: Tensor) -> None:
@@ -98,9 +95,9 @@ def blocks(
     """Yield ``(rows, ctx, stacked)`` for the row blocks of parameter ``key``.
 
     ``stacked`` is float32 ``[T, rows, ...]`` in a buffer that the next block overwrites:
-    use it, or copy what must outlive the block. The blocks of one parameter share their
-    random streams (:meth:`TensorContext.uniform`), so a parameter's random draws are the
-    same however it is split. ``stats`` are the parameter's statistics stacked over tasks
+    use it, or copy what must outlive the block. Each block's ``ctx.offset`` places it in
+    the parameter, so its random draws (:meth:`TensorContext.uniform`) are the same however
+    the parameter is split. ``stats`` are the parameter's statistics stacked over tasks
     ``[T, ...]``; each block sees its rows.
     """
     tensors = _per_task(vectors, key)
@@ -131,7 +128,7 @@ def _merge_whole(
     hparams: Mapping[str, Any],
     ctx: TensorContext,
 ) -> Tensor:
-    stacked = torch.stack([t.float() for t in _per_task(vectors, key)])
+    stacked = vectors.stacked(key).float()
     _check_finite(vectors, key, stacked)
     return method.merge(base.float(), stacked, ctx, **hparams)
 

@@ -289,7 +289,10 @@ def check_deterministic(s: Subject) -> None:
     base, experts = sample_model()
     for seed in (0, 7):
         if not _equal(s.merge(base, experts, seed), s.merge(base, experts, seed)):
-            _fail(f"two merges with seed {seed} differ: draw randomness from ctx.generator()")
+            _fail(
+                f"two merges with seed {seed} differ: "
+                "draw randomness from ctx.generator() or ctx.uniform()"
+            )
 
 
 def check_no_experts(s: Subject) -> None:

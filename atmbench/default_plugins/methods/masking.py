@@ -251,8 +251,9 @@ def ties_prepare(
 def ties_merge(task_vectors: Tensor, state: TiesState, merge: str) -> Tensor:
     """Trim, elect, disjoint merge of one parameter (or block), given the global ``state``.
 
-    Runs fused (:func:`atmbench.kernels.ties_merge`); equal, entry for entry, to
-    ``disjoint_merge(t, elect_sign(t, majority), merge)`` with ``t = trim(τ, thresholds)``.
+    Runs fused (:func:`atmbench.kernels.ties_merge`): it computes
+    ``disjoint_merge(t, elect_sign(t, majority), merge)`` with ``t = trim(τ, thresholds)``,
+    up to the rounding of the sums over tasks (summed in task order).
     """
     return kernels.ties_merge(task_vectors, state.thresholds, state.majority, merge == "mean")
 
