@@ -42,4 +42,4 @@ def merge(
     scale = values.pop(method.scale.name) if method.scale else 1.0
     vectors = InMemoryTaskVectors({t: task_vector(s, base) for t, s in experts.items()})
     delta = merged_task_vector(method, base, vectors, values, seed)
-    return combine(base, delta, scale)
+    return combine(base, delta, scale, consume=True)

@@ -9,9 +9,12 @@ loop per entry they cost about one read. The torch functions in
 
 Every kernel takes task vectors as one C-contiguous float32 ``[T, n]`` array (a row block
 of a parameter, flattened), never mutates it, and walks the entries in chunks whose inner
-loops run over contiguous memory, so LLVM vectorizes them. DARE, consensus and the band
-equal the torch reference exactly; TIES sums over tasks in task order where
-``torch.sum(dim=0)`` may pair terms, so it can differ from it by a rounding of those sums.
+loops run over contiguous memory, so LLVM vectorizes them. Order statistics (TIES'
+thresholds, Breadcrumbs' band) are found by counting rather than by sorting or quickselect:
+a branch the data decides costs more than a few extra passes that vectorize. DARE,
+consensus and the Breadcrumbs sum equal the torch reference exactly; TIES sums over tasks
+in task order where ``torch.sum(dim=0)`` may pair terms, so it can differ from it by a
+rounding of those sums.
 """
 
 from __future__ import annotations
@@ -72,6 +75,85 @@ def uniform(seed: int, offset: int, count: int) -> Tensor:
     out = np.empty(count, dtype=np.float32)
     _uniforms(np.uint64(seed), np.uint64(offset), out)
     return torch.from_numpy(out)
+
+
+# ---------------------------------------------------------------- selection by counting
+
+_MAGNITUDE = np.int32(0x7FFFFFFF)
+"""float32 bits & this = the bits of |x|, and for x ≥ 0 the order of the bits (as int32) is
+the order of the values: selections compare integers, which vectorize without branches."""
+
+
+@njit(inline="always")
+def _count_at_least(values, size, floor):
+    floor = np.int32(floor)  # an int32 compare packs twice the lanes of an int64 one
+    count = 0
+    for j in range(size):
+        count += np.int32(values[j] >= floor)
+    return count
+
+
+@njit(inline="always")
+def _kth_largest(values, size, k, lo, hi):
+    """The k-th largest of ``values[:size]`` (int32), given that all values are ≥ lo and
+    fewer than k are ≥ hi.
+
+    Search by counting: each step counts the values ≥ a probe, a vectorized compare and sum
+    with no data-dependent branch (a quickselect mispredicts a branch on about every other
+    value, which on a few hundred values is slower). Probes interpolate where the count
+    crosses k, with a bisection whenever that gained less than half; the search ends once
+    exactly k or k − 1 values lie above a probe, with one pass for the nearest value.
+    """
+    count_lo, count_hi = size, 0
+    bisect = False
+    while hi - lo > 1:
+        if count_lo == k:  # the k-th largest is the smallest value ≥ lo
+            least = hi
+            for j in range(size):
+                v = values[j]
+                least = min(least, v if v >= lo else hi)
+            return least
+        if count_hi == k - 1:  # the k-th largest is the largest value < hi
+            most = lo
+            for j in range(size):
+                v = values[j]
+                most = max(most, v if v < hi else lo)
+            return most
+        if bisect:
+            probe = lo + (hi - lo) // 2
+        else:
+            share = (count_lo - k + 0.5) / (count_lo - count_hi)
+            probe = min(max(lo + np.int64(share * (hi - lo)), lo + 1), hi - 1)
+        width = hi - lo
+        count = _count_at_least(values, size, probe)
+        if count >= k:
+            lo, count_lo = probe, count
+        else:
+            hi, count_hi = probe, count
+        bisect = 2 * (hi - lo) > width
+    return lo
+
+
+@njit(parallel=True, cache=True)
+def _kth_smallest(bits, counts, ranks, out):
+    for t in prange(bits.shape[0]):
+        values = bits[t]
+        size = counts[t]
+        top = np.int32(0)
+        for j in range(size):
+            top = max(top, values[j])
+        out[t] = _kth_largest(values, size, size - ranks[t] + 1, 0, top + 1)
+
+
+def kth_smallest(magnitudes: Tensor, counts: Tensor, ranks: Tensor) -> Tensor:
+    """Per task t, the ``ranks[t]``-th smallest (1-based) of ``magnitudes[t, :counts[t]]``,
+    all ≥ 0: ``[T]`` float32. Selects by counting over the float bits (:func:`_kth_largest`),
+    a few vectorized passes, where ``torch.kthvalue`` sorts its way through a copy."""
+    _threads()
+    bits = magnitudes.float().contiguous().view(torch.int32).numpy()
+    out = np.empty(bits.shape[0], dtype=np.int32)
+    _kth_smallest(bits, counts.long().numpy(), ranks.long().numpy(), out)
+    return torch.from_numpy(out).view(torch.float32)
 
 
 # ---------------------------------------------------------------- TIES
@@ -266,73 +348,92 @@ def consensus(task_vectors: Tensor, merged: Tensor, lam: float, agree: int) -> T
 # ---------------------------------------------------------------- Breadcrumbs band
 
 
-@njit(inline="always")
-def _select(a, lo, hi, k):
-    """The k-th smallest of a[lo..hi] (quickselect, median-of-three Hoare partitions), left
-    at a[k] with a[lo..k] ≤ a[k] ≤ a[k..hi]."""
-    while hi > lo:
-        mid = (lo + hi) >> 1
-        if a[mid] < a[lo]:
-            a[mid], a[lo] = a[lo], a[mid]
-        if a[hi] < a[lo]:
-            a[hi], a[lo] = a[lo], a[hi]
-        if a[hi] < a[mid]:
-            a[hi], a[mid] = a[mid], a[hi]
-        pivot = a[mid]
-        i, j = lo, hi
-        while i <= j:
-            while a[i] < pivot:
-                i += 1
-            while a[j] > pivot:
-                j -= 1
-            if i <= j:
-                a[i], a[j] = a[j], a[i]
-                i += 1
-                j -= 1
-        if k <= j:
-            hi = j
-        elif k >= i:
-            lo = i
-        else:
-            break
-    return a[k]
-
-
 ROWS = 16
-"""Rows per parallel task in the band kernel: one scratch row serves them all."""
+"""Rows per parallel task in the band kernel: one set of scratch buffers serves them all."""
+
+STRIDE = 8
+"""One entry in STRIDE is sampled to guess a row's lower band bound."""
+
+
+@njit(inline="always")
+def _bounds(bits, start, stop, sample, kept):
+    """The stop-th and the (start+1)-th largest |x| of a row given as float32 bits: the
+    band's lower and upper bound, as magnitude bits.
+
+    A strided sample guesses a magnitude a little below the stop-th largest; one pass keeps
+    the entries at least that large (a few times ``stop`` of them) and the two selections
+    run on those alone. A guess that keeps fewer than ``stop`` entries falls back to the row.
+    """
+    cols = bits.shape[0]
+    size = cols // STRIDE
+    filled = cols
+    floor = np.int32(0)
+    top = np.int32(0)
+    if size >= 16 and stop * 4 <= cols:
+        for i in range(size):
+            sample[i] = bits[i * STRIDE] & _MAGNITUDE
+            top = max(top, sample[i])
+        expected = stop * size / cols
+        rank = int(expected + 3.0 * np.sqrt(expected) + 2.0)
+        if rank < size:
+            floor = _kth_largest(sample, size, rank, 0, top + 1)
+            filled = 0
+            for j in range(cols):
+                v = bits[j] & _MAGNITUDE
+                kept[filled] = v
+                filled += np.int64(v >= floor)
+            if filled < stop:
+                filled = cols
+                floor = np.int32(0)
+    if filled == cols:
+        for j in range(cols):
+            kept[j] = bits[j] & _MAGNITUDE
+    top = np.int32(0)
+    for j in range(filled):
+        top = max(top, kept[j])
+    lower = _kth_largest(kept, filled, stop, floor, top + 1)
+    upper = _kth_largest(kept, filled, start + 1, floor, top + 1)
+    return lower, upper
 
 
 @njit(parallel=True, cache=True)
-def _band(rows, start, stop, band, repeats):
-    count, cols = rows.shape
+def _band_sum(tv, bits, start, stop, out, repeats):
+    tasks, count, cols = tv.shape
     for group in prange((count + ROWS - 1) // ROWS):
-        scratch = np.empty(cols, dtype=np.float32)
+        sample = np.empty(cols // STRIDE + 1, dtype=np.int32)
+        kept = np.empty(cols, dtype=np.int32)
         for r in range(group * ROWS, min(count, (group + 1) * ROWS)):
-            row = rows[r]
-            for j in range(cols):
-                scratch[j] = abs(row[j])
-            # Linear-time selection instead of a sort: the stop-th largest bounds the band
-            # below; the (start+1)-th largest, among the values above it, bounds it above.
-            lower = _select(scratch, 0, cols - 1, cols - stop)
-            upper = _select(scratch, cols - stop, cols - 1, cols - start - 1)
-            inside = 0
-            for j in range(cols):
-                keep = (abs(row[j]) <= upper) & (abs(row[j]) >= lower)
-                band[r, j] = keep
-                inside += np.int32(keep)
-            repeats[r] = inside != stop - start
+            total = out[r]
+            total[:] = 0.0
+            repeated = False
+            for t in range(tasks):
+                row = tv[t, r]
+                row_bits = bits[t, r]
+                lower, upper = _bounds(row_bits, start, stop, sample, kept)
+                above = 0
+                atleast = 0
+                for j in range(cols):
+                    v = row_bits[j] & _MAGNITUDE
+                    total[j] += row[j] * np.float32((v >= lower) & (v <= upper))
+                    above += np.int32(v > upper)
+                    atleast += np.int32(v >= lower)
+                # A bound repeated across the band's edge: only a position rule can settle
+                # which copies are in, unless the copies are zeros (then none adds anything).
+                repeated |= (upper > 0) & (above != start)
+                repeated |= (lower > 0) & (atleast != stop)
+            repeats[r] = repeated
 
 
-def middle_band(tensor: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
-    """Per row of ``tensor`` (last dimension), the entries whose |τ| lies between the
-    stop-th and the (start+1)-th largest: Breadcrumbs' band wherever those bounds are not
-    repeated. Returns the mask and, per row, whether it holds ≠ stop − start entries (a
-    repeat at a bound, which only a position rule can settle). Needs 0 ≤ start < stop."""
+def band_sum(task_vectors: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    """Σ_t τ_t ⊙ band_t, where per row (last dimension) and task the band holds the |τ|
+    between the stop-th and the (start+1)-th largest: Breadcrumbs' merge wherever those
+    bounds are not repeated. ``task_vectors`` is ``[T, ..., cols]``; returns the sum
+    ``[..., cols]`` and, per row, whether a task repeats a non-zero bound across the band's
+    edge (those rows need the position rule). Needs 0 ≤ start < stop ≤ cols."""
     _threads()
-    rows = tensor.detach().float().contiguous().reshape(-1, tensor.shape[-1]).numpy()
-    band = np.empty(rows.shape, dtype=np.bool_)
-    repeats = np.empty(rows.shape[0], dtype=np.bool_)
-    _band(rows, start, stop, band, repeats)
-    return torch.from_numpy(band).view(tensor.shape), torch.from_numpy(repeats).view(
-        tensor.shape[:-1]
-    )
+    shape = task_vectors.shape
+    tv = task_vectors.detach().float().contiguous().reshape(shape[0], -1, shape[-1]).numpy()
+    out = np.empty(tv.shape[1:], dtype=np.float32)
+    repeats = np.empty(tv.shape[1], dtype=np.bool_)
+    _band_sum(tv, tv.view(np.int32), start, stop, out, repeats)
+    return torch.from_numpy(out).view(shape[1:]), torch.from_numpy(repeats).view(shape[1:-1])

@@ -194,17 +194,25 @@ def check_keys(base: Mapping[str, Tensor], vectors: TaskVectors) -> None:
 
 
 def combine(
-    base: Mapping[str, Tensor], delta: Mapping[str, Tensor], scale: float = 1.0
+    base: Mapping[str, Tensor],
+    delta: Mapping[str, Tensor],
+    scale: float = 1.0,
+    *,
+    consume: bool = False,
 ) -> dict[str, Tensor]:
-    """θ = θ0 + scale · Δ in float32, cast back to each base tensor's dtype."""
-    return {k: _combined(b, delta[k], scale) for k, b in base.items()}
+    """θ = θ0 + scale · Δ in float32, cast back to each base tensor's dtype.
+
+    ``consume=True`` writes θ into Δ's float32 tensors, for callers done with Δ (one merge,
+    one scale): a model-sized tensor is new memory that the kernel must fault in page by
+    page, which costs about as much as reading all the task vectors once.
+    """
+    return {k: _combined(b, delta[k], scale, consume) for k, b in base.items()}
 
 
-def _combined(base: Tensor, delta: Tensor, scale: float) -> Tensor:
-    # One new tensor per parameter (scale · Δ, then θ0 added in place): a model-sized
-    # temporary per step would be fresh memory for the kernel to fault in, page by page.
+def _combined(base: Tensor, delta: Tensor, scale: float, consume: bool) -> Tensor:
     if not base.is_floating_point():
         return base.clone()
-    out = delta * scale
+    # scale · Δ, then θ0 added in place: never a second model-sized temporary.
+    out = delta.mul_(scale) if consume and delta.dtype == torch.float32 else delta * scale
     out += base
     return out.to(base.dtype)

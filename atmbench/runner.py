@@ -217,7 +217,7 @@ def select_on_validation(
         delta = merged_task_vector(method, base, vectors, combo, seed, stats)
         merge_time += time.perf_counter() - started
         for value in scales:
-            state = combine(base, delta, value)
+            state = combine(base, delta, value, consume=not searched)
             chosen = dict(combo, **({scale.name: value} if scale else {}))
             if not searched:
                 return state, chosen, False, merge_time

@@ -130,7 +130,10 @@ def _merge_whole(
 ) -> Tensor:
     stacked = vectors.stacked(key).float()
     _check_finite(vectors, key, stacked)
-    return method.merge(base.float(), stacked, ctx, **hparams)
+    delta = method.merge(base.float(), stacked, ctx, **hparams)
+    # The caller owns the result (combine may write θ into it): never an input's memory.
+    shared = delta.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+    return delta.clone() if shared else delta
 
 
 def _merge_rowwise(
@@ -163,7 +166,8 @@ def merged_task_vector(
     seed: int = 0,
     stats: Mapping[str, Any] | None = None,
 ) -> dict[str, Tensor]:
-    """Stream ``method`` over every parameter; return the unscaled merged task vector (fp32)."""
+    """Stream ``method`` over every parameter; return the unscaled merged task vector (fp32),
+    in tensors of its own (no input's memory)."""
     check_keys(base, vectors)
     state = method.prepare(vectors, seed=seed, **hparams) if method.prepare else None
     out: dict[str, Tensor] = {}

@@ -166,7 +166,7 @@ class Subject:
 
     def merge(self, base: State, experts: Mapping[str, State], seed: int = 0) -> State:
         """θ0 + scale · Δ, cast back to the base's dtypes."""
-        return combine(base, self.delta(base, experts, seed), self.scale())
+        return combine(base, self.delta(base, experts, seed), self.scale(), consume=True)
 
 
 def subject(

@@ -69,7 +69,7 @@ def merge_once(directory: Path, name: str) -> float:
     files = {f"task{t}": directory / f"task{t}.safetensors" for t in range(TASKS)}
     started = time.perf_counter()
     delta = merged_task_vector(method, base, FileTaskVectors(files), hparams, seed=0)
-    combine(base, delta, method.scale.default if method.scale else 1.0)
+    combine(base, delta, method.scale.default if method.scale else 1.0, consume=True)
     return time.perf_counter() - started
 
 

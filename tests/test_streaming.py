@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from atmbench import kernels, registry
 from atmbench.default_plugins.methods import masking
 from atmbench.default_plugins.methods.masking import (
-    _sorted_band,
+    breadcrumbs_sum,
     consensus_mask,
     dare,
     dare_keep_masks,
@@ -30,6 +30,7 @@ from atmbench.method import (
     MergeInputError,
     MergeMethod,
     TensorContext,
+    combine,
 )
 from atmbench.streaming import BLOCK, merged_task_vector, row_blocks
 
@@ -80,6 +81,34 @@ def test_blocks_read_bf16_files_and_results_never_alias_the_buffer(tmp_path):
     got = merged_task_vector(first, base, FileTaskVectors(files), {})
     for key in base:
         assert torch.equal(got[key], vectors["t0"][key].bfloat16().float())
+
+
+def test_combine_consuming_the_delta_gives_the_same_model_and_keeps_the_base():
+    base, vectors = _model(tasks=2)
+    base["half"] = torch.randn(3, 4).bfloat16()
+    base["step"] = torch.tensor(7)
+    for task in vectors:
+        vectors[task]["half"] = torch.randn(3, 4)
+        vectors[task]["step"] = torch.tensor(0)
+    kept = {k: v.clone() for k, v in base.items()}
+    delta = merged_task_vector(registry.methods()["ta"], base, InMemoryTaskVectors(vectors), {})
+    want = combine(base, delta, 0.3)
+    got = combine(base, delta, 0.3, consume=True)
+    for key in base:
+        assert torch.equal(got[key], want[key]) and got[key].dtype == base[key].dtype, key
+        assert torch.equal(base[key], kept[key]), key
+    assert got["big"].data_ptr() == delta["big"].data_ptr()  # θ written into Δ: no new model
+
+
+def test_a_whole_tensor_method_returning_its_base_gets_a_copy():
+    """merged_task_vector's tensors are the caller's to overwrite (combine(consume=True))."""
+    echo = MergeMethod("echo", lambda b, tv, ctx: b, data="none")
+    base, vectors = _model(tasks=1)
+    delta = merged_task_vector(echo, base, InMemoryTaskVectors(vectors), {})
+    kept = {k: v.clone() for k, v in base.items()}
+    combine(base, delta, 1.0, consume=True)
+    for key in base:
+        assert torch.equal(base[key], kept[key]), key
 
 
 def test_non_finite_values_in_a_later_block_are_named():
@@ -146,17 +175,22 @@ def test_heavy_ties_give_the_exact_threshold():
 # ---------------------------------------------------------------- Breadcrumbs band
 
 
-@pytest.mark.parametrize(("keep", "outliers"), [(0.15, 0.006), (0.5, 0.2), (1.0, 0.0), (0.1, 0.95)])
-def test_middle_band_by_order_statistics_equals_the_stable_sort(keep, outliers):
+@pytest.mark.parametrize(
+    ("keep", "outliers"), [(0.15, 0.006), (0.05, 0.001), (0.5, 0.2), (1.0, 0.0), (0.1, 0.95)]
+)
+def test_band_sum_by_order_statistics_equals_the_stable_sort(keep, outliers):
     gen = torch.Generator().manual_seed(0)
-    smooth = torch.randn(50, 300, generator=gen)
-    repeated = torch.randint(-3, 4, (50, 300), generator=gen).float()  # ties at the bounds
-    for tensor in (smooth, repeated, smooth[0]):
-        cols = tensor.shape[-1]
-        start = int(cols * outliers)
-        stop = min(start + int(cols * keep), cols)
-        want = _sorted_band(tensor.abs(), start, stop)
-        assert torch.equal(middle_band(tensor, keep, outliers), want)
+    smooth = torch.randn(3, 50, 768, generator=gen)
+    scaled = smooth * torch.logspace(-4, 2, 50).unsqueeze(1)  # rows of very different scales
+    repeated = torch.randint(-3, 4, (3, 50, 300), generator=gen).float()  # ties at the bounds
+    sparse = smooth * (torch.rand(3, 50, 768, generator=gen) < 0.1)  # zeros at the lower bound
+    strided = smooth.clone()
+    strided[..., ::8] *= 1000  # the sample sees only the large entries: its guess misses
+    head = smooth[:, :, :8]  # too short to sample
+    ordered = smooth.sort(-1).values
+    for tensor in (smooth, scaled, repeated, sparse, strided, head, smooth[:, 0], ordered):
+        want = (tensor * middle_band(tensor, keep, outliers)).sum(0)
+        assert torch.equal(breadcrumbs_sum(tensor, keep, outliers), want)
 
 
 # ---------------------------------------------------------------- kernels

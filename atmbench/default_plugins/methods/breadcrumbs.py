@@ -16,11 +16,10 @@ Decisions, from the official code (rezazzr/breadcrumbs ``TaskVectorMiddleKeep``,
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from atmbench.default_plugins.methods import ta
-from atmbench.default_plugins.methods.masking import middle_band
+from atmbench.default_plugins.methods.masking import breadcrumbs_sum
 from atmbench.hookspecs import hookimpl
 from atmbench.hparams import HParam
 from atmbench.method import MergeMethod, TensorContext
@@ -46,8 +45,7 @@ OUTLIERS = HParam(
 def breadcrumbs(
     base: Tensor, task_vectors: Tensor, ctx: TensorContext, keep: float, outliers: float
 ) -> Tensor:
-    masks = torch.stack([middle_band(tv, keep, outliers) for tv in task_vectors])
-    return (task_vectors * masks).sum(0)
+    return breadcrumbs_sum(task_vectors, keep, outliers)
 
 
 @hookimpl

@@ -111,8 +111,13 @@ def _bracket(sample: Tensor, k: float) -> tuple[Tensor, Tensor]:
     center = (1.0 - k) * size
     margin = 10.0 * math.sqrt(size * k * (1.0 - k)) + 16
     low, high = int(center - margin), int(math.ceil(center + margin))
-    lo = sample.kthvalue(low + 1, 1).values if 0 <= low < size else torch.zeros(tasks)
-    hi = sample.kthvalue(high + 1, 1).values if 0 <= high < size else torch.full((tasks,), math.inf)
+    counts = torch.full((tasks,), size, dtype=torch.int64)
+
+    def quantile(rank: int) -> Tensor:
+        return kernels.kth_smallest(sample, counts, torch.full((tasks,), rank))
+
+    lo = quantile(low + 1) if 0 <= low < size else torch.zeros(tasks)
+    hi = quantile(high + 1) if 0 <= high < size else torch.full((tasks,), math.inf)
     return lo, hi
 
 
@@ -144,7 +149,7 @@ def global_thresholds(
     within = rank - below
     if bool(((within < 1) | (within > filled) | (filled > CAPACITY)).any()):
         return radix_thresholds(vectors, k, seed, transform)  # the bracket missed
-    return torch.stack([kept[t, : filled[t]].kthvalue(int(within[t])).values for t in range(tasks)])
+    return kernels.kth_smallest(kept, filled, within)
 
 
 def _float_bits(magnitudes: Tensor) -> Tensor:
@@ -298,31 +303,44 @@ def consensus_mask(masks: Tensor, agree: int) -> Tensor:
 # ---------------------------------------------------------------- Model Breadcrumbs
 
 
+def band_limits(cols: int, keep: float, outliers: float) -> tuple[int, int]:
+    """The band's ranks [start, stop) in a row of ``cols`` sorted by descending |τ|: the
+    int(cols·outliers) largest are dropped, the int(cols·keep) next ones kept."""
+    start = int(cols * outliers)
+    return start, min(start + int(cols * keep), cols)
+
+
 def middle_band(tensor: Tensor, keep: float, outliers: float) -> Tensor:
-    """Mask of the official Breadcrumbs band, per row along the last dimension.
+    """Mask of the official Breadcrumbs band, per row along the last dimension: the ranks
+    :func:`band_limits` of |τ| sorted in descending order, ties broken by position (a
+    stable sort). A 1-D tensor is one row; a 0-D tensor is kept whole.
 
-    With c = ``tensor.shape[-1]``, drop the int(c·outliers) largest |τ| of each row, then
-    keep the int(c·keep) largest of what remains (a 1-D tensor is one row; a 0-D tensor is
-    kept whole). Ties are broken by a stable sort, i.e. by position.
-
-    Two order statistics per row (quickselect, :func:`atmbench.kernels.middle_band`) bound
-    the band; only rows with repeated values at a bound need the position rule, and only
-    those pay for a sort.
+    The readable definition: :func:`breadcrumbs_sum` computes the merge without a sort.
     """
     if tensor.dim() == 0:
         return torch.ones_like(tensor, dtype=torch.bool)
-    cols = tensor.shape[-1]
-    start = int(cols * outliers)
-    stop = min(start + int(cols * keep), cols)
-    if stop <= start:
-        return torch.zeros_like(tensor, dtype=torch.bool)
-    band, repeats = kernels.middle_band(tensor, start, stop)
-    if bool(repeats.any()):
-        band[repeats] = _sorted_band(tensor[repeats].abs(), start, stop)
-    return band
-
-
-def _sorted_band(magnitude: Tensor, start: int, stop: int) -> Tensor:
-    order = torch.argsort(magnitude, dim=-1, descending=True, stable=True)
-    mask = torch.zeros_like(magnitude, dtype=torch.bool)
+    start, stop = band_limits(tensor.shape[-1], keep, outliers)
+    order = torch.argsort(tensor.abs(), dim=-1, descending=True, stable=True)
+    mask = torch.zeros_like(tensor, dtype=torch.bool)
     return mask.scatter(-1, order[..., start:stop], True)
+
+
+def breadcrumbs_sum(task_vectors: Tensor, keep: float, outliers: float) -> Tensor:
+    """Σ_t τ_t ⊙ middle_band(τ_t) of stacked task vectors ``[T, ...]``.
+
+    Two order statistics per row and task bound the band (:func:`atmbench.kernels.band_sum`,
+    fused with the sum); only rows where a task repeats a bound across the band's edge need
+    the position rule, and only those pay for :func:`middle_band`'s sort.
+    """
+    if task_vectors.dim() == 1:  # 0-D parameters: kept whole
+        return task_vectors.sum(0)
+    cols = task_vectors.shape[-1]
+    start, stop = band_limits(cols, keep, outliers)
+    if stop <= start:
+        return torch.zeros(task_vectors.shape[1:])
+    total, repeats = kernels.band_sum(task_vectors, start, stop)
+    repeated = repeats.reshape(-1)
+    if bool(repeated.any()):
+        rows = task_vectors.float().reshape(len(task_vectors), -1, cols)[:, repeated]
+        total.view(-1, cols)[repeated] = (rows * middle_band(rows, keep, outliers)).sum(0)
+    return total
