@@ -177,6 +177,8 @@ def _trimmed_sums(tv, thresholds, start, stop, total):
 def _ties(tv, thresholds, majority, mean, out):
     n = tv.shape[1]
     fallback = np.float32(1.0) if majority > 0 else np.float32(-1.0)
+    votes = 0.0
+    undecided = 0.0
     for chunk in prange((n + CHUNK - 1) // CHUNK):
         start = chunk * CHUNK
         stop = min(n, start + CHUNK)
@@ -204,37 +206,34 @@ def _ties(tv, thresholds, majority, mean, out):
                 out[start + j] = picked[j] / max(count[j], np.float32(1.0))
         else:
             out[start:stop] = picked
+        # The votes of the elected signs, and the entries the majority decided: a zero sum
+        # of non-zero kept entries, i.e. kept entries of both signs (integer sums vectorize).
+        part = 0
+        ties = 0
+        for j in range(size):
+            part += np.int32(total[j] > 0) - np.int32(total[j] < 0)
+            ties += np.int32((total[j] == 0) & (count[j] > 0))
+        votes += part
+        undecided += ties
+    return votes, undecided
 
 
-def ties_merge(task_vectors: Tensor, thresholds: Tensor, majority: float, mean: bool) -> Tensor:
+def ties_merge(
+    task_vectors: Tensor, thresholds: Tensor, majority: float, mean: bool
+) -> tuple[Tensor, int, int]:
     """Trim at ``thresholds``, elect signs (``majority`` where the sum is 0), disjoint mean
-    (or sum) of one parameter block ``[T, ...]``: the fused form of ``masking.ties_merge``."""
+    (or sum) of one parameter block ``[T, ...]``: the fused form of ``masking``'s
+    ``disjoint_merge(t, elect_sign(t, majority), merge)`` with ``t = trim(τ, thresholds)``.
+
+    Also returns the block's votes Σ sign(Σ_t t) and how many entries the majority decided
+    (kept entries of both signs summing to 0), so that one pass serves both.
+    """
     _threads()
     out = np.empty(task_vectors[0].numel(), dtype=np.float32)
-    _ties(_array(task_vectors), thresholds.float().contiguous().numpy(), majority, mean, out)
-    return torch.from_numpy(out).view(task_vectors.shape[1:])
-
-
-@njit(parallel=True, cache=True)
-def _votes(tv, thresholds):
-    n = tv.shape[1]
-    votes = 0.0
-    for chunk in prange((n + CHUNK - 1) // CHUNK):
-        start = chunk * CHUNK
-        stop = min(n, start + CHUNK)
-        total = np.empty(stop - start, dtype=np.float32)
-        _trimmed_sums(tv, thresholds, start, stop, total)
-        part = 0  # an integer sum vectorizes
-        for j in range(stop - start):
-            part += np.int32(total[j] > 0) - np.int32(total[j] < 0)
-        votes += part
-    return votes
-
-
-def sign_votes(task_vectors: Tensor, thresholds: Tensor) -> float:
-    """Σ_entries sign(Σ_t trim(τ_t)) over one block: TIES' model-wide majority, in parts."""
-    _threads()
-    return float(_votes(_array(task_vectors), thresholds.float().contiguous().numpy()))
+    votes, undecided = _ties(
+        _array(task_vectors), thresholds.float().contiguous().numpy(), majority, mean, out
+    )
+    return torch.from_numpy(out).view(task_vectors.shape[1:]), int(votes), int(undecided)
 
 
 @njit(parallel=True, cache=True)
@@ -300,20 +299,26 @@ def _dare(tv, seeds, offset, p, survivors, out):
             target[j] = row[j] * keep / survivors
 
 
-def dare(task_vectors: Tensor, seeds: list[int], offset: int, p: float) -> Tensor:
+def dare(
+    task_vectors: Tensor, seeds: list[int], offset: int, p: float, out: Tensor | None = None
+) -> Tensor:
     """τ_t ⊙ (u_t > p) / (1 − p) with u_t the :func:`uniform` stream of ``seeds[t]`` from
-    ``offset``: the fused form of ``masking.dare_rescale(τ, masks, p)``, same float32 steps."""
+    ``offset``: the fused form of ``masking.dare_rescale(τ, masks, p)``, same float32 steps.
+
+    Into ``out`` if given (a C-contiguous float32 tensor of the same shape; ``task_vectors``
+    itself works, as each entry is read before it is written), else into a new tensor.
+    """
     _threads()
-    out = np.empty((task_vectors.shape[0], task_vectors[0].numel()), dtype=np.float32)
+    out = torch.empty(task_vectors.shape) if out is None else out
     _dare(
         _array(task_vectors),
         np.array(seeds, dtype=np.uint64),
         np.uint64(offset),
         np.float32(p),
         np.float32(1.0 - p),
-        out,
+        out.view(out.shape[0], -1).numpy(),
     )
-    return torch.from_numpy(out).view(task_vectors.shape)
+    return out
 
 
 # ---------------------------------------------------------------- Consensus / TALL masks

@@ -89,6 +89,10 @@ class MergeMethod:
     """The final coefficient: θ = θ0 + scale · merge(...). ``None`` means 1."""
     prepare: Callable[..., Any] | None = None
     """``prepare(task_vectors: TaskVectors, seed, **hparams)`` for methods needing a global view."""
+    finish: Callable[[Any, dict[str, Tensor]], None] | None = None
+    """``finish(state, delta)``, after every parameter is merged, for what only the whole
+    merge decides (TIES: the sign of tied entries, by a vote counted while merging). It edits
+    the merged task vector ``delta`` in place; ``state`` is what ``prepare`` returned."""
     needs: tuple[str, ...] = ()
     """Data statistics the runner must compute (e.g. ``("fisher",)``)."""
     description: str = ""

@@ -113,7 +113,8 @@ def test_a_whole_tensor_method_returning_its_base_gets_a_copy():
 
 def test_non_finite_values_in_a_later_block_are_named():
     base, vectors = _model(tasks=2)
-    vectors["t1"]["big"][250, 3] = float("nan")
+    assert len(row_blocks(vectors["t1"]["big"].shape)) > 1
+    vectors["t1"]["big"][-1, 3] = float("nan")  # in the last block
     with pytest.raises(MergeInputError, match=r"'big' of task\(s\) \['t1'\]"):
         merged_task_vector(registry.methods()["ta"], base, InMemoryTaskVectors(vectors), {})
 
@@ -172,6 +173,36 @@ def test_heavy_ties_give_the_exact_threshold():
         assert global_thresholds(InMemoryTaskVectors(vectors), k).tolist() == _exact(vectors, k)
 
 
+@pytest.mark.parametrize("shift", [0.3, -0.3])
+@pytest.mark.parametrize("name", ["ties", "consensus_ties"])
+def test_ties_settles_tied_signs_by_the_whole_model_vote(name, shift):
+    """Entries whose kept values cancel exactly take the sign of the model-wide vote, which
+    is only complete after the last block: the early blocks' ties are settled at the end."""
+    base, vectors = _model(tasks=4)
+    for tv in vectors.values():
+        for key in tv:
+            tv[key] += shift  # the vote's sign
+    for key, index in (("big", (0, slice(0, 6))), ("bias", (slice(0, 3),))):
+        for task, value in zip(vectors, (5.0, -5.0, 5.0, -5.0), strict=True):
+            vectors[task][key][index] = value
+    method = registry.methods()[name]
+    hparams = {h.name: h.default for h in method.hparams}
+    got = merged_task_vector(method, base, InMemoryTaskVectors(vectors), hparams)
+    thresholds = global_thresholds(InMemoryTaskVectors(vectors), hparams["k"])
+    stacked = {k: torch.stack([tv[k] for tv in vectors.values()]) for k in base}
+    trimmed = {k: trim(tv, thresholds) for k, tv in stacked.items()}
+    majority = float(torch.sign(sum(torch.sign(t.sum(0)).sum() for t in trimmed.values())))
+    assert majority == (1.0 if shift > 0 else -1.0)
+    for key, t in trimmed.items():
+        want = disjoint_merge(t, elect_sign(t, majority), hparams["merge"])
+        if name == "consensus_ties":
+            masks = tall_masks(stacked[key], want, hparams["mask_lam"])
+            want = want * consensus_mask(masks, hparams["agree"])
+        assert torch.allclose(got[key], want, rtol=1e-5, atol=1e-6), key
+    tied = majority * (5.0 if hparams["merge"] == "mean" else 10.0)  # 2 of 4 tasks agree
+    assert got["big"][0, 0] == tied and got["bias"][0] == tied
+
+
 # ---------------------------------------------------------------- Breadcrumbs band
 
 
@@ -220,18 +251,22 @@ def test_fused_ties_kernel_matches_the_torch_definition(tasks):
     tv = torch.randn(tasks, 40, 97, generator=gen)
     tv[:, 0, :5] = 0.0  # all trimmed: the majority decides, nothing is picked
     if tasks > 1:
-        tv[1, 1, :4] = -tv[0, 1, :4]  # exact cancellations
+        tv[0, 1, :4] += torch.sign(tv[0, 1, :4])  # large enough to be kept
+        tv[1, 1, :4] = -tv[0, 1, :4]  # exact cancellations: the majority decides
+        tv[2:, 1, :4] = 0.0
     thresholds = torch.rand(tasks, generator=gen) * 0.5
     for majority in (1.0, -1.0, 0.0):
         for merge in ("mean", "sum"):
             trimmed = trim(tv, thresholds)
             want = disjoint_merge(trimmed, elect_sign(trimmed, majority), merge)
-            got = kernels.ties_merge(tv, thresholds, majority, merge == "mean")
+            got, votes, undecided = kernels.ties_merge(tv, thresholds, majority, merge == "mean")
             # Equal up to the rounding of the sums over tasks (sequential here; torch may
             # pair them up), which the test data keeps away from 0.
             assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
-            votes = float(torch.sign(trimmed.sum(0)).sum())
-            assert kernels.sign_votes(tv, thresholds) == votes
+            total = trimmed.sum(0)
+            assert votes == int(torch.sign(total).sum())
+            assert undecided == int(((total == 0) & (trimmed != 0).any(0)).sum())
+            assert undecided == (4 if tasks > 1 else 0)
 
 
 def test_fused_dare_matches_masks_times_rescale():

@@ -31,6 +31,7 @@ from atmbench import kernels
 from atmbench.default_plugins.methods import ta
 from atmbench.default_plugins.methods.masking import (
     MERGE,
+    ties_finish,
     ties_k,
     ties_merge,
     ties_prepare,
@@ -81,8 +82,10 @@ def consensus_ties(
     k: float,
     merge: str,
 ) -> Tensor:
-    merged = ties_merge(task_vectors, ctx.state, merge)
-    return consensus(merged, task_vectors, mask_lam, agree)
+    def masked(merged: Tensor) -> Tensor:
+        return consensus(merged, task_vectors, mask_lam, agree)
+
+    return ties_merge(task_vectors, ctx, merge, then=masked)
 
 
 @hookimpl
@@ -108,6 +111,7 @@ def register_methods(register):
             hparams=(MASK_LAMBDA, AGREE, ties_k(search=()), TIES_MERGE),
             scale=ta.LAMBDA,
             prepare=prepare_ties,
+            finish=ties_finish,
             description="Consensus merging: TALL-mask agreement over TIES-Merging",
         )
     )

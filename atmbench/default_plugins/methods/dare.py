@@ -25,7 +25,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from atmbench.default_plugins.methods import ta, ties
-from atmbench.default_plugins.methods.masking import MERGE, dare, ties_k, ties_merge, ties_prepare
+from atmbench.default_plugins.methods.masking import (
+    MERGE,
+    dare,
+    ties_finish,
+    ties_k,
+    ties_merge,
+    ties_prepare,
+)
 from atmbench.hookspecs import hookimpl
 from atmbench.hparams import HParam
 from atmbench.method import MergeMethod, TaskVectors, TensorContext
@@ -46,13 +53,15 @@ def dare_ta(base: Tensor, task_vectors: Tensor, ctx: TensorContext, p: float) ->
 
 
 def prepare_ties(vectors: TaskVectors, seed: int, p: float, k: float, **_: object):
-    return ties_prepare(vectors, seed, k, transform=lambda tv, ctx: dare(tv, ctx, p))
+    # In place: the threshold passes own their buffers, and a new tensor per block would be
+    # fresh memory to fault in.
+    return ties_prepare(vectors, seed, k, transform=lambda tv, ctx: dare(tv, ctx, p, out=tv))
 
 
 def dare_ties(
     base: Tensor, task_vectors: Tensor, ctx: TensorContext, p: float, k: float, merge: str
 ) -> Tensor:
-    return ties_merge(dare(task_vectors, ctx, p), ctx.state, merge)
+    return ties_merge(dare(task_vectors, ctx, p), ctx, merge)
 
 
 @hookimpl
@@ -80,6 +89,7 @@ def register_methods(register):
             hparams=(P, ties_k(search=()), MERGE),
             scale=ties.LAMBDA,
             prepare=prepare_ties,
+            finish=ties_finish,
             description="DARE drop-and-rescale, then TIES-Merging",
         )
     )

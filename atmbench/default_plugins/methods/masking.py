@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -28,10 +28,11 @@ from torch import Tensor
 from atmbench import kernels
 from atmbench.hparams import HParam
 from atmbench.method import TaskVectors, TensorContext
-from atmbench.streaming import blocks, floating_keys, row_blocks
+from atmbench.streaming import Stacker, blocks, floating_keys
 
 Transform = Callable[[Tensor, TensorContext], Tensor]
-"""Maps a parameter's stacked task vectors to what TIES trims (e.g. DARE's dropped ones)."""
+"""Maps a parameter's stacked task vectors to what TIES trims (e.g. DARE's dropped ones). It
+may overwrite its input: the threshold passes own the buffer they hand it."""
 
 MERGE = HParam(
     "merge",
@@ -60,6 +61,9 @@ def ties_k(default: float = 0.2, search: tuple = (0.1, 0.2, 0.3)) -> HParam:
 SAMPLE = 1 << 20
 """Magnitudes per task sampled to bracket the threshold before the exact counting pass."""
 
+SAMPLE_STRIDE = 64
+"""The sample reads one row in this many: about 1.4 M entries per task of a ViT-B-32."""
+
 CAPACITY = 1 << 21
 """Magnitudes per task the counting pass may keep inside the bracket (about 0.8% of a
 ViT-B-32 tower's 88 M entries fall there); more means the bracket missed."""
@@ -74,31 +78,28 @@ def _transformed(vectors: TaskVectors, seed: int, transform: Transform | None):
     The block is a reused buffer (:func:`atmbench.streaming.blocks`): consumers reduce it.
     """
     tasks = len(vectors.tasks)
+    stacker = Stacker()
     for key in floating_keys(vectors):
-        for _, ctx, stacked in blocks(vectors, key, seed):
+        for _, ctx, stacked in blocks(vectors, key, seed, stacker=stacker):
             yield (transform(stacked, ctx) if transform else stacked).reshape(tasks, -1)
 
 
 def _sample(vectors: TaskVectors, seed: int, transform: Transform | None) -> Tensor:
-    """About :data:`SAMPLE` magnitudes per task: a strided share of one block in 64.
+    """About :data:`SAMPLE` magnitudes per task: one row in :data:`SAMPLE_STRIDE` of every
+    parameter (1-D ones whole), so every layer is represented.
 
-    Only a guess at where the threshold lies (the counting pass checks it), so the stride
-    may fall unevenly on a transform's zeros; it reads one in every 64 blocks' rows.
+    Only a guess at where the threshold lies (the counting pass checks it); a transform sees
+    the rows as if they were contiguous, which changes its draws but not their law.
     """
     tasks = len(vectors.tasks)
     picked = []
-    counter = 0
     for key in floating_keys(vectors):
         tensors = [vectors.get(t, key) for t in vectors.tasks]
-        rows = row_blocks(tensors[0].shape)
-        for part in rows:
-            counter += len(rows) > 1
-            if len(rows) > 1 and counter % 64:
-                continue
-            stacked = torch.stack([t[part].float() for t in tensors])
-            ctx = TensorContext(key, tuple(vectors.tasks), seed)
-            tv = transform(stacked, ctx) if transform else stacked
-            picked.append(tv.abs().reshape(tasks, -1))
+        rows = slice(None, None, SAMPLE_STRIDE) if tensors[0].dim() > 1 else ...
+        stacked = torch.stack([t[rows].float() for t in tensors])
+        ctx = TensorContext(key, tuple(vectors.tasks), seed)
+        tv = transform(stacked, ctx) if transform else stacked
+        picked.append(tv.abs().reshape(tasks, -1))
     every = torch.cat(picked, 1) if picked else torch.zeros(tasks, 0)
     return every[:, :: max(1, every.shape[1] // SAMPLE)]
 
@@ -231,36 +232,65 @@ def disjoint_merge(trimmed: Tensor, sign: Tensor, merge: str) -> Tensor:
     return total / agree.sum(0).clamp(min=1)
 
 
-@dataclass(frozen=True)
+@dataclass
 class TiesState:
-    """TIES' global view: one threshold per task and the model-wide majority sign."""
+    """TIES' global view: one threshold per task, and the model-wide vote of the elected
+    signs, counted while the blocks are merged.
+
+    The vote only matters where the elected sign is a tie (kept entries of both signs summing
+    to exactly 0). Blocks are merged as if the majority were negative, and each such entry is
+    kept in ``pending`` with its value under a positive majority; :func:`ties_finish`
+    settles them once the vote is complete. That saves a whole pass over the task vectors.
+    """
 
     thresholds: Tensor
-    majority: float
+    votes: int = 0
+    pending: list[tuple[str, Tensor, Tensor]] = field(default_factory=list)
+    """(parameter, flat indices, values under a positive majority)."""
 
 
 def ties_prepare(
     vectors: TaskVectors, seed: int, k: float, transform: Transform | None = None
 ) -> TiesState | None:
-    """Thresholds (a sample and one counting pass), then the majority of the elected signs
-    (a second pass)."""
+    """The thresholds: a sample and one counting pass."""
     if not vectors.tasks:
         return None
-    thresholds = global_thresholds(vectors, k, seed, transform)
-    votes = sum(
-        kernels.sign_votes(values, thresholds) for values in _transformed(vectors, seed, transform)
-    )
-    return TiesState(thresholds, float(torch.sign(torch.tensor(votes))))
+    return TiesState(global_thresholds(vectors, k, seed, transform))
 
 
-def ties_merge(task_vectors: Tensor, state: TiesState, merge: str) -> Tensor:
-    """Trim, elect, disjoint merge of one parameter (or block), given the global ``state``.
+def ties_merge(
+    task_vectors: Tensor,
+    ctx: TensorContext,
+    merge: str,
+    then: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Trim, elect, disjoint merge of one parameter (or block), given ``ctx.state``.
 
     Runs fused (:func:`atmbench.kernels.ties_merge`): it computes
     ``disjoint_merge(t, elect_sign(t, majority), merge)`` with ``t = trim(τ, thresholds)``,
-    up to the rounding of the sums over tasks (summed in task order).
+    up to the rounding of the sums over tasks (summed in task order). ``then`` maps the
+    merged block further (Consensus-TIES' masks), and the entries a tie leaves to the
+    majority are recorded after it.
     """
-    return kernels.ties_merge(task_vectors, state.thresholds, state.majority, merge == "mean")
+    state: TiesState = ctx.state
+    then = then or (lambda merged: merged)
+    mean = merge == "mean"
+    merged, votes, undecided = kernels.ties_merge(task_vectors, state.thresholds, -1.0, mean)
+    state.votes += votes
+    result = then(merged)
+    if undecided:
+        positive = then(kernels.ties_merge(task_vectors, state.thresholds, 1.0, mean)[0])
+        where = (positive != result).reshape(-1).nonzero().squeeze(1)
+        state.pending.append((ctx.key, where + ctx.offset, positive.reshape(-1)[where]))
+    return result
+
+
+def ties_finish(state: TiesState | None, delta: dict[str, Tensor]) -> None:
+    """Give the entries whose elected sign was a tie the majority's sign, if it is positive
+    (the blocks were merged as for a negative or zero majority)."""
+    if state is not None and state.votes > 0:
+        for key, where, values in state.pending:
+            delta[key].view(-1)[where] = values
 
 
 # ---------------------------------------------------------------- DARE
@@ -281,10 +311,11 @@ def dare_rescale(task_vectors: Tensor, keep: Tensor, p: float) -> Tensor:
     return task_vectors * keep / (1.0 - p)
 
 
-def dare(task_vectors: Tensor, ctx: TensorContext, p: float) -> Tensor:
-    """``dare_rescale(τ, dare_keep_masks(τ, ctx, p), p)``, fused (:func:`atmbench.kernels.dare`)."""
+def dare(task_vectors: Tensor, ctx: TensorContext, p: float, out: Tensor | None = None) -> Tensor:
+    """``dare_rescale(τ, dare_keep_masks(τ, ctx, p), p)``, fused (:func:`atmbench.kernels.dare`),
+    into ``out`` if given (``task_vectors`` itself, where the caller owns it)."""
     seeds = [ctx.task_seed(t) for t in range(len(task_vectors))]
-    return kernels.dare(task_vectors, seeds, ctx.offset, p)
+    return kernels.dare(task_vectors, seeds, ctx.offset, p, out)
 
 
 # ---------------------------------------------------------------- Consensus / TALL masks

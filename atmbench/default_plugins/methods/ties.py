@@ -19,7 +19,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from atmbench.default_plugins.methods.masking import MERGE, ties_k, ties_merge, ties_prepare
+from atmbench.default_plugins.methods.masking import (
+    MERGE,
+    ties_finish,
+    ties_k,
+    ties_merge,
+    ties_prepare,
+)
 from atmbench.hookspecs import hookimpl
 from atmbench.hparams import HParam
 from atmbench.method import MergeMethod, TaskVectors, TensorContext
@@ -40,7 +46,7 @@ def prepare(vectors: TaskVectors, seed: int, k: float, **_: object):
 
 
 def ties(base: Tensor, task_vectors: Tensor, ctx: TensorContext, k: float, merge: str) -> Tensor:
-    return ties_merge(task_vectors, ctx.state, merge)
+    return ties_merge(task_vectors, ctx, merge)
 
 
 @hookimpl
@@ -54,6 +60,7 @@ def register_methods(register):
             hparams=(K, MERGE),
             scale=LAMBDA,
             prepare=prepare,
+            finish=ties_finish,
             description="TIES-Merging: global top-k trim, sign election, disjoint mean",
         )
     )
