@@ -62,12 +62,15 @@ class Stacker:
     def __init__(self) -> None:
         self._buffer = torch.empty(0)
 
-    def stack(self, tensors: list[Tensor]) -> Tensor:
-        shape = (len(tensors), *tensors[0].shape)
+    def empty(self, shape: tuple[int, ...]) -> Tensor:
+        """A float32 tensor of ``shape`` in the buffer: valid until the next call."""
         size = math.prod(shape)
         if self._buffer.numel() < size:
             self._buffer = torch.empty(size)
-        stacked = self._buffer[:size].view(shape)
+        return self._buffer[:size].view(shape)
+
+    def stack(self, tensors: list[Tensor]) -> Tensor:
+        stacked = self.empty((len(tensors), *tensors[0].shape))
         if all(t.dtype == torch.float32 for t in tensors):
             return torch.stack(tensors, out=stacked)  # one call instead of T
         for row, tensor in zip(stacked, tensors, strict=True):

@@ -36,6 +36,7 @@ from atmbench.default_plugins.methods.masking import (
 from atmbench.hookspecs import hookimpl
 from atmbench.hparams import HParam
 from atmbench.method import MergeMethod, TaskVectors, TensorContext
+from atmbench.streaming import Stacker
 
 P = HParam(
     "p",
@@ -53,9 +54,12 @@ def dare_ta(base: Tensor, task_vectors: Tensor, ctx: TensorContext, p: float) ->
 
 
 def prepare_ties(vectors: TaskVectors, seed: int, p: float, k: float, **_: object):
-    # In place: the threshold passes own their buffers, and a new tensor per block would be
-    # fresh memory to fault in.
-    return ties_prepare(vectors, seed, k, transform=lambda tv, ctx: dare(tv, ctx, p, out=tv))
+    scratch = Stacker()  # one buffer for every block of the threshold passes
+
+    def dropped(task_vectors: Tensor, ctx: TensorContext) -> Tensor:
+        return dare(task_vectors, ctx, p, out=scratch.empty(tuple(task_vectors.shape)))
+
+    return ties_prepare(vectors, seed, k, transform=dropped)
 
 
 def dare_ties(

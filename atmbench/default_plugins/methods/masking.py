@@ -3,7 +3,7 @@
 Pure tensor functions (trim, elect, disjoint merge, DARE drop, TALL/consensus masks, the
 middle band of Breadcrumbs) plus the streaming passes TIES needs for its global view.
 ``task_vectors`` are always stacked on a leading task dimension ``[T, ...]``; nothing here
-mutates its inputs.
+mutates them (only TIES' state, which counts the sign vote as the blocks are merged).
 
 TIES follows the official code (prateeky2806/ties-merging ``ties_minimal.ipynb``), checked
 against ``tests/data/golden`` (see its RECIPE.md):
@@ -31,8 +31,7 @@ from atmbench.method import TaskVectors, TensorContext
 from atmbench.streaming import Stacker, blocks, floating_keys
 
 Transform = Callable[[Tensor, TensorContext], Tensor]
-"""Maps a parameter's stacked task vectors to what TIES trims (e.g. DARE's dropped ones). It
-may overwrite its input: the threshold passes own the buffer they hand it."""
+"""Maps a parameter's stacked task vectors to what TIES trims (e.g. DARE's dropped ones)."""
 
 MERGE = HParam(
     "merge",
@@ -313,7 +312,7 @@ def dare_rescale(task_vectors: Tensor, keep: Tensor, p: float) -> Tensor:
 
 def dare(task_vectors: Tensor, ctx: TensorContext, p: float, out: Tensor | None = None) -> Tensor:
     """``dare_rescale(τ, dare_keep_masks(τ, ctx, p), p)``, fused (:func:`atmbench.kernels.dare`),
-    into ``out`` if given (``task_vectors`` itself, where the caller owns it)."""
+    into ``out`` if given."""
     seeds = [ctx.task_seed(t) for t in range(len(task_vectors))]
     return kernels.dare(task_vectors, seeds, ctx.offset, p, out)
 
