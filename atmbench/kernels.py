@@ -219,21 +219,30 @@ def _ties(tv, thresholds, majority, mean, out):
 
 
 def ties_merge(
-    task_vectors: Tensor, thresholds: Tensor, majority: float, mean: bool
+    task_vectors: Tensor,
+    thresholds: Tensor,
+    majority: float,
+    mean: bool,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, int, int]:
     """Trim at ``thresholds``, elect signs (``majority`` where the sum is 0), disjoint mean
     (or sum) of one parameter block ``[T, ...]``: the fused form of ``masking``'s
     ``disjoint_merge(t, elect_sign(t, majority), merge)`` with ``t = trim(τ, thresholds)``.
 
     Also returns the block's votes Σ sign(Σ_t t) and how many entries the majority decided
-    (kept entries of both signs summing to 0), so that one pass serves both.
+    (kept entries of both signs summing to 0), so that one pass serves both. Into ``out``
+    (float32, C-contiguous, shape ``[...]``) if given.
     """
     _threads()
-    out = np.empty(task_vectors[0].numel(), dtype=np.float32)
+    out = torch.empty(task_vectors.shape[1:]) if out is None else out
     votes, undecided = _ties(
-        _array(task_vectors), thresholds.float().contiguous().numpy(), majority, mean, out
+        _array(task_vectors),
+        thresholds.float().contiguous().numpy(),
+        majority,
+        mean,
+        out.view(-1).numpy(),
     )
-    return torch.from_numpy(out).view(task_vectors.shape[1:]), int(votes), int(undecided)
+    return out, int(votes), int(undecided)
 
 
 @njit(parallel=True, cache=True)
@@ -341,14 +350,17 @@ def _consensus(tv, merged, lam, agree, out):
             out[start + j] = base[j] * np.float32(votes[j] >= agree)
 
 
-def consensus(task_vectors: Tensor, merged: Tensor, lam: float, agree: int) -> Tensor:
+def consensus(
+    task_vectors: Tensor, merged: Tensor, lam: float, agree: int, out: Tensor | None = None
+) -> Tensor:
     """τ_MTL ⊙ 1{#{t : |τ_t| > λ|τ_MTL − τ_t|} ≥ agree} of one block: the fused form of
-    ``merged * consensus_mask(tall_masks(τ, merged, λ), agree)``."""
+    ``merged * consensus_mask(tall_masks(τ, merged, λ), agree)``. Into ``out`` (float32,
+    C-contiguous, not overlapping the inputs) if given."""
     _threads()
-    out = np.empty(merged.numel(), dtype=np.float32)
+    out = torch.empty(merged.shape) if out is None else out
     flat = merged.float().contiguous().reshape(-1).numpy()
-    _consensus(_array(task_vectors), flat, np.float32(lam), agree, out)
-    return torch.from_numpy(out).view(merged.shape)
+    _consensus(_array(task_vectors), flat, np.float32(lam), agree, out.view(-1).numpy())
+    return out
 
 
 # ---------------------------------------------------------------- Breadcrumbs band
@@ -430,16 +442,19 @@ def _band_sum(tv, bits, start, stop, out, repeats):
             repeats[r] = repeated
 
 
-def band_sum(task_vectors: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+def band_sum(
+    task_vectors: Tensor, start: int, stop: int, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Σ_t τ_t ⊙ band_t, where per row (last dimension) and task the band holds the |τ|
     between the stop-th and the (start+1)-th largest: Breadcrumbs' merge wherever those
     bounds are not repeated. ``task_vectors`` is ``[T, ..., cols]``; returns the sum
     ``[..., cols]`` and, per row, whether a task repeats a non-zero bound across the band's
-    edge (those rows need the position rule). Needs 0 ≤ start < stop ≤ cols."""
+    edge (those rows need the position rule). Needs 0 ≤ start < stop ≤ cols. The sum goes
+    into ``out`` (float32, C-contiguous, shape ``[..., cols]``) if given."""
     _threads()
     shape = task_vectors.shape
     tv = task_vectors.detach().float().contiguous().reshape(shape[0], -1, shape[-1]).numpy()
-    out = np.empty(tv.shape[1:], dtype=np.float32)
+    out = torch.empty(shape[1:]) if out is None else out
     repeats = np.empty(tv.shape[1], dtype=np.bool_)
-    _band_sum(tv, tv.view(np.int32), start, stop, out, repeats)
-    return torch.from_numpy(out).view(shape[1:]), torch.from_numpy(repeats).view(shape[1:-1])
+    _band_sum(tv, tv.view(np.int32), start, stop, out.view(-1, shape[-1]).numpy(), repeats)
+    return out, torch.from_numpy(repeats).view(shape[1:-1])

@@ -28,6 +28,27 @@ class MergeInputError(ValueError):
     """The inputs of a merge are inconsistent (keys, shapes) or not finite."""
 
 
+class Scratch:
+    """float32 buffers reused by the blocks of one pass over the model, one per name.
+
+    A block's temporary of a few MiB is new memory each time otherwise: the allocator hands
+    it back to the kernel between blocks, and the kernel faults it in again page by page,
+    which costs more than the arithmetic on it.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def empty(self, name: str, shape: Sequence[int]) -> Tensor:
+        """A float32 tensor of ``shape`` in buffer ``name``, valid until the next call with
+        that name (the next block)."""
+        size = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < size:
+            buffer = self._buffers[name] = torch.empty(size)
+        return buffer[:size].view(tuple(shape))
+
+
 @dataclass(frozen=True)
 class TensorContext:
     """Everything a per-tensor merge function may know besides the tensors themselves."""
@@ -41,6 +62,8 @@ class TensorContext:
     """Data statistics for this parameter (or block of rows), stacked over tasks."""
     offset: int = 0
     """Flat index of this block's first entry in the parameter (0 for a whole tensor)."""
+    scratch: Scratch = field(default_factory=Scratch)
+    """Buffers for the block's temporaries, reused by the next block: never return them."""
 
     def generator(self, task_index: int = 0) -> torch.Generator:
         """A generator seeded by (seed, parameter, task): masks don't depend on order.

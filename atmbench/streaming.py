@@ -27,6 +27,7 @@ from torch import Tensor
 from atmbench.method import (
     MergeInputError,
     MergeMethod,
+    Scratch,
     TaskVectors,
     TensorContext,
     check_keys,
@@ -56,21 +57,14 @@ def row_blocks(shape: torch.Size) -> list[Rows]:
 
 
 class Stacker:
-    """Copies T tensors (any float dtype) into one float32 buffer, reused by every block of
-    a pass: a fresh buffer per parameter would be fresh memory to fault in each time."""
+    """Copies T tensors (any float dtype) into one float32 buffer of ``scratch``, reused by
+    every block of a pass."""
 
-    def __init__(self) -> None:
-        self._buffer = torch.empty(0)
-
-    def empty(self, shape: tuple[int, ...]) -> Tensor:
-        """A float32 tensor of ``shape`` in the buffer: valid until the next call."""
-        size = math.prod(shape)
-        if self._buffer.numel() < size:
-            self._buffer = torch.empty(size)
-        return self._buffer[:size].view(shape)
+    def __init__(self, scratch: Scratch | None = None) -> None:
+        self.scratch = scratch or Scratch()
 
     def stack(self, tensors: list[Tensor]) -> Tensor:
-        stacked = self.empty((len(tensors), *tensors[0].shape))
+        stacked = self.scratch.empty("stacked", (len(tensors), *tensors[0].shape))
         if all(t.dtype == torch.float32 for t in tensors):
             return torch.stack(tensors, out=stacked)  # one call instead of T
         for row, tensor in zip(stacked, tensors, strict=True):
@@ -114,7 +108,9 @@ def blocks(
         _check_finite(vectors, key, stacked)
         block_stats = {n: s[:, rows] for n, s in (stats or {}).items()}
         offset = rows.start * row_size if isinstance(rows, slice) else 0
-        ctx = TensorContext(key, tuple(vectors.tasks), seed, state, block_stats, offset)
+        ctx = TensorContext(
+            key, tuple(vectors.tasks), seed, state, block_stats, offset, stacker.scratch
+        )
         yield rows, ctx, stacked
 
 

@@ -29,6 +29,7 @@ from atmbench.method import (
     InMemoryTaskVectors,
     MergeInputError,
     MergeMethod,
+    Scratch,
     TensorContext,
     combine,
 )
@@ -109,6 +110,15 @@ def test_a_whole_tensor_method_returning_its_base_gets_a_copy():
     combine(base, delta, 1.0, consume=True)
     for key in base:
         assert torch.equal(base[key], kept[key]), key
+
+
+def test_scratch_buffers_are_reused_per_name_and_grow():
+    scratch = Scratch()
+    first = scratch.empty("a", (4, 5))
+    assert first.shape == (4, 5) and first.dtype == torch.float32
+    assert scratch.empty("a", (2, 3)).data_ptr() == first.data_ptr()  # the same memory
+    assert scratch.empty("b", (2, 3)).data_ptr() != first.data_ptr()  # a name of its own
+    assert scratch.empty("a", (10, 10)).numel() == 100  # grows when asked for more
 
 
 def test_non_finite_values_in_a_later_block_are_named():

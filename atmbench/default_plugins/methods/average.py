@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from atmbench.hookspecs import hookimpl
@@ -9,7 +10,7 @@ from atmbench.method import MergeMethod, TensorContext
 
 
 def average(base: Tensor, task_vectors: Tensor, ctx: TensorContext) -> Tensor:
-    return task_vectors.mean(0)
+    return torch.mean(task_vectors, 0, out=ctx.scratch.empty("mean", task_vectors.shape[1:]))
 
 
 @hookimpl

@@ -45,7 +45,8 @@ OUTLIERS = HParam(
 def breadcrumbs(
     base: Tensor, task_vectors: Tensor, ctx: TensorContext, keep: float, outliers: float
 ) -> Tensor:
-    return breadcrumbs_sum(task_vectors, keep, outliers)
+    out = ctx.scratch.empty("band", task_vectors.shape[1:])
+    return breadcrumbs_sum(task_vectors, keep, outliers, out)
 
 
 @hookimpl

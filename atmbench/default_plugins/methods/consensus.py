@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 from torch import Tensor
 
 from atmbench import kernels
@@ -57,16 +58,20 @@ AGREE = HParam(
 TIES_MERGE = replace(MERGE, default="sum")
 
 
-def consensus(merged: Tensor, task_vectors: Tensor, mask_lam: float, agree: int) -> Tensor:
+def consensus(
+    merged: Tensor, task_vectors: Tensor, ctx: TensorContext, mask_lam: float, agree: int
+) -> Tensor:
     """τ_MTL ⊙ 1{Σ_t m_t ≥ agree}: ``merged * consensus_mask(tall_masks(...), agree)``, fused
-    (:func:`atmbench.kernels.consensus`)."""
-    return kernels.consensus(task_vectors, merged, mask_lam, agree)
+    (:func:`atmbench.kernels.consensus`), in a ``ctx.scratch`` buffer."""
+    out = ctx.scratch.empty("consensus", merged.shape)
+    return kernels.consensus(task_vectors, merged, mask_lam, agree, out)
 
 
 def consensus_ta(
     base: Tensor, task_vectors: Tensor, ctx: TensorContext, mask_lam: float, agree: int
 ) -> Tensor:
-    return consensus(task_vectors.sum(0), task_vectors, mask_lam, agree)
+    merged = torch.sum(task_vectors, 0, out=ctx.scratch.empty("sum", task_vectors.shape[1:]))
+    return consensus(merged, task_vectors, ctx, mask_lam, agree)
 
 
 def prepare_ties(vectors: TaskVectors, seed: int, k: float, **_: object):
@@ -83,7 +88,7 @@ def consensus_ties(
     merge: str,
 ) -> Tensor:
     def masked(merged: Tensor) -> Tensor:
-        return consensus(merged, task_vectors, mask_lam, agree)
+        return consensus(merged, task_vectors, ctx, mask_lam, agree)
 
     return ties_merge(task_vectors, ctx, merge, then=masked)
 

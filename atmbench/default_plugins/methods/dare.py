@@ -36,7 +36,6 @@ from atmbench.default_plugins.methods.masking import (
 from atmbench.hookspecs import hookimpl
 from atmbench.hparams import HParam
 from atmbench.method import MergeMethod, TaskVectors, TensorContext
-from atmbench.streaming import Stacker
 
 P = HParam(
     "p",
@@ -54,12 +53,7 @@ def dare_ta(base: Tensor, task_vectors: Tensor, ctx: TensorContext, p: float) ->
 
 
 def prepare_ties(vectors: TaskVectors, seed: int, p: float, k: float, **_: object):
-    scratch = Stacker()  # one buffer for every block of the threshold passes
-
-    def dropped(task_vectors: Tensor, ctx: TensorContext) -> Tensor:
-        return dare(task_vectors, ctx, p, out=scratch.empty(tuple(task_vectors.shape)))
-
-    return ties_prepare(vectors, seed, k, transform=dropped)
+    return ties_prepare(vectors, seed, k, transform=lambda tv, ctx: dare(tv, ctx, p))
 
 
 def dare_ties(

@@ -274,10 +274,12 @@ def ties_merge(
     state: TiesState = ctx.state
     then = then or (lambda merged: merged)
     mean = merge == "mean"
-    merged, votes, undecided = kernels.ties_merge(task_vectors, state.thresholds, -1.0, mean)
+    out = ctx.scratch.empty("ties", task_vectors.shape[1:])
+    merged, votes, undecided = kernels.ties_merge(task_vectors, state.thresholds, -1.0, mean, out)
     state.votes += votes
     result = then(merged)
     if undecided:
+        result = result.clone()  # ``then`` may write the next call into the same scratch
         positive = then(kernels.ties_merge(task_vectors, state.thresholds, 1.0, mean)[0])
         where = (positive != result).reshape(-1).nonzero().squeeze(1)
         state.pending.append((ctx.key, where + ctx.offset, positive.reshape(-1)[where]))
@@ -310,10 +312,11 @@ def dare_rescale(task_vectors: Tensor, keep: Tensor, p: float) -> Tensor:
     return task_vectors * keep / (1.0 - p)
 
 
-def dare(task_vectors: Tensor, ctx: TensorContext, p: float, out: Tensor | None = None) -> Tensor:
+def dare(task_vectors: Tensor, ctx: TensorContext, p: float) -> Tensor:
     """``dare_rescale(τ, dare_keep_masks(τ, ctx, p), p)``, fused (:func:`atmbench.kernels.dare`),
-    into ``out`` if given."""
+    in a ``ctx.scratch`` buffer: valid until the next block."""
     seeds = [ctx.task_seed(t) for t in range(len(task_vectors))]
+    out = ctx.scratch.empty("dare", task_vectors.shape)
     return kernels.dare(task_vectors, seeds, ctx.offset, p, out)
 
 
@@ -355,12 +358,15 @@ def middle_band(tensor: Tensor, keep: float, outliers: float) -> Tensor:
     return mask.scatter(-1, order[..., start:stop], True)
 
 
-def breadcrumbs_sum(task_vectors: Tensor, keep: float, outliers: float) -> Tensor:
+def breadcrumbs_sum(
+    task_vectors: Tensor, keep: float, outliers: float, out: Tensor | None = None
+) -> Tensor:
     """Σ_t τ_t ⊙ middle_band(τ_t) of stacked task vectors ``[T, ...]``.
 
     Two order statistics per row and task bound the band (:func:`atmbench.kernels.band_sum`,
     fused with the sum); only rows where a task repeats a bound across the band's edge need
-    the position rule, and only those pay for :func:`middle_band`'s sort.
+    the position rule, and only those pay for :func:`middle_band`'s sort. Into ``out`` if
+    given.
     """
     if task_vectors.dim() == 1:  # 0-D parameters: kept whole
         return task_vectors.sum(0)
@@ -368,7 +374,7 @@ def breadcrumbs_sum(task_vectors: Tensor, keep: float, outliers: float) -> Tenso
     start, stop = band_limits(cols, keep, outliers)
     if stop <= start:
         return torch.zeros(task_vectors.shape[1:])
-    total, repeats = kernels.band_sum(task_vectors, start, stop)
+    total, repeats = kernels.band_sum(task_vectors, start, stop, out)
     repeated = repeats.reshape(-1)
     if bool(repeated.any()):
         rows = task_vectors.float().reshape(len(task_vectors), -1, cols)[:, repeated]

@@ -6,6 +6,7 @@ fixes λ = 0.3 (``ta:lam=0.3`` reproduces that).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from atmbench.hookspecs import hookimpl
@@ -22,7 +23,7 @@ LAMBDA = HParam(
 
 
 def task_arithmetic(base: Tensor, task_vectors: Tensor, ctx: TensorContext) -> Tensor:
-    return task_vectors.sum(0)
+    return torch.sum(task_vectors, 0, out=ctx.scratch.empty("sum", task_vectors.shape[1:]))
 
 
 @hookimpl
