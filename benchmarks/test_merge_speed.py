@@ -90,9 +90,9 @@ def test_peak_rss(tower, name):
         f"\n{name}: peak RSS {peak_gb:.2f} GB (mapped task-vector pages included), "
         f"peak anonymous {anon_gb:.2f} GB = {anon_gb / model_gb:.2f}x one model"
     )
-    # Streaming: base + merged task vector + merged model + one parameter x T (+ a global
-    # view's state, e.g. TIES's histograms), never the T models FusionBench holds at once.
-    assert anon_gb < 5 * model_gb
+    # Streaming: base + the merged model (written into the merged task vector) + a block
+    # per task (+ a whole-tensor method's temporaries), never the T models FusionBench holds.
+    assert anon_gb < 4 * model_gb
 
 
 def pytest_terminal_summary_lines() -> list[str]:
