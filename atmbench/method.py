@@ -63,7 +63,8 @@ class TensorContext:
     offset: int = 0
     """Flat index of this block's first entry in the parameter (0 for a whole tensor)."""
     scratch: Scratch = field(default_factory=Scratch)
-    """Buffers for the block's temporaries, reused by the next block: never return them."""
+    """Buffers for the block's temporaries, reused by the next block: the block's result may
+    live there (the loop copies it at once), nothing the method keeps may."""
 
     def generator(self, task_index: int = 0) -> torch.Generator:
         """A generator seeded by (seed, parameter, task): masks don't depend on order.

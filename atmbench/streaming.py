@@ -11,8 +11,9 @@ Methods that declare ``rowwise`` get a parameter in blocks of rows instead, stac
 reused buffer of about :data:`BLOCK` entries per task. Two costs vanish that way, and they
 were most of an elementwise merge's time on a CPU: every fresh stack of a large parameter
 is new memory the kernel must fault in page by page, and every intermediate of a stack
-larger than the cache goes out to RAM and back. Blocks of a few hundred KiB per task stay in
-the cache and reuse the same pages; the methods' tensor code does not change.
+larger than the cache goes out to RAM and back. Blocks of 1 MiB per task stay in the L3
+cache and reuse the same pages, as do the blocks' temporaries (``ctx.scratch``); the
+methods' tensor code does not change.
 """
 
 from __future__ import annotations
@@ -56,20 +57,14 @@ def row_blocks(shape: torch.Size) -> list[Rows]:
     return [slice(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
 
 
-class Stacker:
-    """Copies T tensors (any float dtype) into one float32 buffer of ``scratch``, reused by
-    every block of a pass."""
-
-    def __init__(self, scratch: Scratch | None = None) -> None:
-        self.scratch = scratch or Scratch()
-
-    def stack(self, tensors: list[Tensor]) -> Tensor:
-        stacked = self.scratch.empty("stacked", (len(tensors), *tensors[0].shape))
-        if all(t.dtype == torch.float32 for t in tensors):
-            return torch.stack(tensors, out=stacked)  # one call instead of T
-        for row, tensor in zip(stacked, tensors, strict=True):
-            row.copy_(tensor)
-        return stacked
+def _stack(scratch: Scratch, tensors: list[Tensor]) -> Tensor:
+    """T tensors (any float dtype) as one float32 ``[T, ...]`` in ``scratch``'s buffer."""
+    stacked = scratch.empty("stacked", (len(tensors), *tensors[0].shape))
+    if all(t.dtype == torch.float32 for t in tensors):
+        return torch.stack(tensors, out=stacked)  # one call instead of T
+    for row, tensor in zip(stacked, tensors, strict=True):
+        row.copy_(tensor)
+    return stacked
 
 
 def _per_task(vectors: TaskVectors, key: str) -> list[Tensor]:
@@ -90,27 +85,26 @@ def blocks(
     seed: int = 0,
     state: Any = None,
     stats: Mapping[str, Tensor] | None = None,
-    stacker: Stacker | None = None,
+    scratch: Scratch | None = None,
 ) -> Iterator[tuple[Rows, TensorContext, Tensor]]:
     """Yield ``(rows, ctx, stacked)`` for the row blocks of parameter ``key``.
 
-    ``stacked`` is float32 ``[T, rows, ...]`` in ``stacker``'s buffer (pass one per pass over
-    the model), which the next block overwrites: use it, or copy what must outlive the block.
+    ``stacked`` is float32 ``[T, rows, ...]`` in a buffer of ``scratch`` (pass one per pass
+    over the model; it is also the blocks' ``ctx.scratch``), which the next block
+    overwrites: use it, or copy what must outlive the block.
     Each block's ``ctx.offset`` places it in the parameter, so its random draws
     (:meth:`TensorContext.uniform`) are the same however the parameter is split. ``stats``
     are the parameter's statistics stacked over tasks ``[T, ...]``; each block sees its rows.
     """
     tensors = _per_task(vectors, key)
-    stacker = stacker or Stacker()
+    scratch = scratch or Scratch()
     row_size = math.prod(tensors[0].shape[1:])
     for rows in row_blocks(tensors[0].shape):
-        stacked = stacker.stack([t[rows] for t in tensors])
+        stacked = _stack(scratch, [t[rows] for t in tensors])
         _check_finite(vectors, key, stacked)
         block_stats = {n: s[:, rows] for n, s in (stats or {}).items()}
         offset = rows.start * row_size if isinstance(rows, slice) else 0
-        ctx = TensorContext(
-            key, tuple(vectors.tasks), seed, state, block_stats, offset, stacker.scratch
-        )
+        ctx = TensorContext(key, tuple(vectors.tasks), seed, state, block_stats, offset, scratch)
         yield rows, ctx, stacked
 
 
@@ -147,10 +141,10 @@ def _merge_rowwise(
     seed: int,
     state: Any,
     stats: Mapping[str, Tensor],
-    stacker: Stacker,
+    scratch: Scratch,
 ) -> Tensor:
     out = torch.empty(base.shape)
-    for rows, ctx, stacked in blocks(vectors, key, seed, state, stats, stacker):
+    for rows, ctx, stacked in blocks(vectors, key, seed, state, stats, scratch):
         delta = method.merge(base[rows].float(), stacked, ctx, **hparams)
         if delta.shape != stacked.shape[1:]:
             raise MergeInputError(
@@ -174,7 +168,7 @@ def merged_task_vector(
     check_keys(base, vectors)
     state = method.prepare(vectors, seed=seed, **hparams) if method.prepare else None
     out: dict[str, Tensor] = {}
-    stacker = Stacker()
+    scratch = Scratch()  # one set of block buffers for the whole pass
     for key, b in base.items():
         if not vectors.tasks or not b.is_floating_point():
             out[key] = torch.zeros_like(b, dtype=torch.float32)
@@ -187,7 +181,7 @@ def merged_task_vector(
         key_stats = {name: s[key] for name, s in (stats or {}).items() if key in s}
         if method.rowwise:
             delta = _merge_rowwise(
-                method, b, vectors, key, hparams, seed, state, key_stats, stacker
+                method, b, vectors, key, hparams, seed, state, key_stats, scratch
             )
         else:
             ctx = TensorContext(key, tuple(vectors.tasks), seed, state, key_stats)

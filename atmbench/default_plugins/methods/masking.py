@@ -27,8 +27,8 @@ from torch import Tensor
 
 from atmbench import kernels
 from atmbench.hparams import HParam
-from atmbench.method import TaskVectors, TensorContext
-from atmbench.streaming import Stacker, blocks, floating_keys
+from atmbench.method import Scratch, TaskVectors, TensorContext
+from atmbench.streaming import blocks, floating_keys
 
 Transform = Callable[[Tensor, TensorContext], Tensor]
 """Maps a parameter's stacked task vectors to what TIES trims (e.g. DARE's dropped ones)."""
@@ -77,9 +77,9 @@ def _transformed(vectors: TaskVectors, seed: int, transform: Transform | None):
     The block is a reused buffer (:func:`atmbench.streaming.blocks`): consumers reduce it.
     """
     tasks = len(vectors.tasks)
-    stacker = Stacker()
+    scratch = Scratch()
     for key in floating_keys(vectors):
-        for _, ctx, stacked in blocks(vectors, key, seed, stacker=stacker):
+        for _, ctx, stacked in blocks(vectors, key, seed, scratch=scratch):
             yield (transform(stacked, ctx) if transform else stacked).reshape(tasks, -1)
 
 
