@@ -237,6 +237,23 @@ def test_band_sum_by_order_statistics_equals_the_stable_sort(keep, outliers):
 # ---------------------------------------------------------------- kernels
 
 
+def test_kth_smallest_by_counting_equals_kthvalue():
+    gen = torch.Generator().manual_seed(3)
+    values = torch.cat(
+        [
+            torch.randn(1, 5000, generator=gen).abs(),
+            torch.randint(0, 4, (1, 5000), generator=gen).float(),  # heavy ties, zeros
+            torch.logspace(-30, 30, 5000).unsqueeze(0),  # sixty decades
+        ]
+    )
+    counts = torch.tensor([5000, 4000, 1])
+    for rank in (1, 2, 500, 999):
+        ranks = torch.tensor([rank, rank, 1])
+        rows = zip(values, counts, ranks, strict=True)
+        want = [float(v[:c].kthvalue(int(r)).values) for v, c, r in rows]
+        assert kernels.kth_smallest(values, counts, ranks).tolist() == want
+
+
 def test_uniform_is_the_splitmix64_stream_and_counter_based():
     def splitmix(seed: int, count: int) -> list[float]:  # the textbook generator, in Python
         out, state, mask = [], seed, (1 << 64) - 1
