@@ -84,6 +84,24 @@ def test_blocks_read_bf16_files_and_results_never_alias_the_buffer(tmp_path):
         assert torch.equal(got[key], vectors["t0"][key].bfloat16().float())
 
 
+@pytest.mark.parametrize("name", ["ties", "dare_ties"])
+def test_global_thresholds_read_bf16_files_task_by_task(tmp_path, name):
+    """The counting pass reads each task's file directly (no stacked block): bf16 files give
+    the numbers of the same values held in memory as float32."""
+    base, vectors = _model(tasks=2)
+    files, rounded = {}, {}
+    for task, tv in vectors.items():
+        files[task] = tmp_path / f"{task}.safetensors"
+        save_file({k: v.bfloat16().contiguous() for k, v in tv.items()}, str(files[task]))
+        rounded[task] = {k: v.bfloat16().float() for k, v in tv.items()}
+    method = registry.methods()[name]
+    hparams = {h.name: h.default for h in method.hparams}
+    got = merged_task_vector(method, base, FileTaskVectors(files), hparams, seed=2)
+    want = merged_task_vector(method, base, InMemoryTaskVectors(rounded), hparams, seed=2)
+    for key in base:
+        assert torch.equal(got[key], want[key]), key
+
+
 def test_combine_consuming_the_delta_gives_the_same_model_and_keeps_the_base():
     base, vectors = _model(tasks=2)
     base["half"] = torch.randn(3, 4).bfloat16()

@@ -83,6 +83,20 @@ def _transformed(vectors: TaskVectors, seed: int, transform: Transform | None):
             yield (transform(stacked, ctx) if transform else stacked).reshape(tasks, -1)
 
 
+def _task_by_task(vectors: TaskVectors, seed: int, transform: Transform | None):
+    """Yield ``(task index, values [1, n])`` for every parameter and task, straight from the
+    task's (memory-mapped) tensor: a count needs no stacked block, and stacking would copy
+    every byte once more. Non-finite values are left to the merge pass to report."""
+    scratch = Scratch()
+    for key in floating_keys(vectors):
+        for t, task in enumerate(vectors.tasks):
+            values = vectors.get(task, key).unsqueeze(0)  # [1, ...]: a stack of one task
+            if transform:
+                ctx = TensorContext(key, (task,), seed, scratch=scratch)
+                values = transform(values.float(), ctx)
+            yield t, values.reshape(1, -1)
+
+
 def _sample(vectors: TaskVectors, seed: int, transform: Transform | None) -> Tensor:
     """About :data:`SAMPLE` magnitudes per task: one row in :data:`SAMPLE_STRIDE` of every
     parameter (1-D ones whole), so every layer is represented.
@@ -140,9 +154,10 @@ def global_thresholds(
     kept = torch.empty(tasks, CAPACITY + kernels.CHUNK)
     filled = torch.zeros(tasks, dtype=torch.int64)
     total = 0
-    for values in _transformed(vectors, seed, transform):
-        total += values.shape[1]
-        kernels.bracket_counts(values, lo, hi, below, kept, filled)
+    for t, values in _task_by_task(vectors, seed, transform):
+        total += values.shape[1] if t == 0 else 0
+        one = slice(t, t + 1)
+        kernels.bracket_counts(values, lo[one], hi[one], below[one], kept[one], filled[one])
     rank = total - int(total * k)
     if rank <= 0:
         return torch.zeros(tasks)
