@@ -167,12 +167,23 @@ def _exact(vectors: dict, k: float) -> list[float]:
 
 
 @pytest.mark.parametrize("k", [0.001, 0.2, 0.5, 0.97, 1.0])
-def test_bracketed_thresholds_are_exact_over_many_blocks(k, monkeypatch):
+def test_bracketed_thresholds_are_exact_over_many_parameters(k, monkeypatch):
     _, vectors = _model(seed=k.__hash__() % 100)
     monkeypatch.setattr(masking, "SAMPLE", 1000)  # a small sample: a narrow bracket
     got = global_thresholds(InMemoryTaskVectors(vectors), k)
     assert got.tolist() == _exact(vectors, k)
     assert torch.equal(radix_thresholds(InMemoryTaskVectors(vectors), k), got)
+
+
+def test_both_threshold_selections_agree_on_a_transform():
+    """DARE-TIES' thresholds: the drop is applied per task, with that task's stream."""
+    _, vectors = _model(seed=4)
+
+    def dropped(tv, ctx):
+        return dare(tv, ctx, 0.5)
+
+    got = global_thresholds(InMemoryTaskVectors(vectors), 0.2, 3, dropped)
+    assert torch.equal(radix_thresholds(InMemoryTaskVectors(vectors), 0.2, 3, dropped), got)
 
 
 def test_a_missed_bracket_falls_back_to_the_radix_selection(monkeypatch):

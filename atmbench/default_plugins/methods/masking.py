@@ -28,7 +28,7 @@ from torch import Tensor
 from atmbench import kernels
 from atmbench.hparams import HParam
 from atmbench.method import Scratch, TaskVectors, TensorContext
-from atmbench.streaming import blocks, floating_keys
+from atmbench.streaming import floating_keys
 
 Transform = Callable[[Tensor, TensorContext], Tensor]
 """Maps a parameter's stacked task vectors to what TIES trims (e.g. DARE's dropped ones)."""
@@ -69,18 +69,6 @@ ViT-B-32 tower's 88 M entries fall there); more means the bracket missed."""
 
 _HI_BINS = 1 << 15  # |x| as float32 bits has a clear sign bit: 15 high bits, 16 low bits
 _LO_BINS = 1 << 16
-
-
-def _transformed(vectors: TaskVectors, seed: int, transform: Transform | None):
-    """Yield the (transformed) task vectors as ``[T, n]``, block by block, every parameter.
-
-    The block is a reused buffer (:func:`atmbench.streaming.blocks`): consumers reduce it.
-    """
-    tasks = len(vectors.tasks)
-    scratch = Scratch()
-    for key in floating_keys(vectors):
-        for _, ctx, stacked in blocks(vectors, key, seed, scratch=scratch):
-            yield (transform(stacked, ctx) if transform else stacked).reshape(tasks, -1)
 
 
 def _task_by_task(vectors: TaskVectors, seed: int, transform: Transform | None):
@@ -173,12 +161,9 @@ def _float_bits(magnitudes: Tensor) -> Tensor:
     return magnitudes.float().contiguous().view(torch.int32).reshape(magnitudes.shape[0], -1)
 
 
-def _per_task_histogram(values: Tensor, bins: int) -> Tensor:
-    """``values``: [T, m] ints in [0, bins); returns the [T, bins] counts."""
-    tasks = values.shape[0]
-    offsets = torch.arange(tasks, dtype=torch.int64).unsqueeze(1) * bins
-    flat = (values.long() + offsets).reshape(-1)
-    return torch.bincount(flat, minlength=tasks * bins).reshape(tasks, bins)
+def _histogram(values: Tensor, bins: int) -> Tensor:
+    """``values``: ints in [0, bins); returns the [bins] counts."""
+    return torch.bincount(values.reshape(-1).long(), minlength=bins)
 
 
 def _locate(counts: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
@@ -198,12 +183,12 @@ def radix_thresholds(
     """:func:`global_thresholds` without a guess: exact whatever the distribution, slower.
 
     Two passes of per-task histograms over the float32 bit patterns (15 high bits, then the
-    16 low bits inside the chosen bin), so memory stays at one block per task.
+    16 low bits inside the chosen bin), so memory stays at one parameter of one task.
     """
     tasks = len(vectors.tasks)
     hi_counts = torch.zeros(tasks, _HI_BINS, dtype=torch.int64)
-    for values in _transformed(vectors, seed, transform):
-        hi_counts += _per_task_histogram(_float_bits(values.abs()) >> 16, _HI_BINS)
+    for t, values in _task_by_task(vectors, seed, transform):
+        hi_counts[t] += _histogram(_float_bits(values.abs()) >> 16, _HI_BINS)
     total = int(hi_counts[0].sum())
     rank = total - int(total * k)
     if rank <= 0:
@@ -211,11 +196,11 @@ def radix_thresholds(
     ranks = torch.full((tasks,), rank, dtype=torch.int64)
     hi, rank_in_bin = _locate(hi_counts, ranks)
     lo_counts = torch.zeros(tasks, _LO_BINS, dtype=torch.int64)
-    for values in _transformed(vectors, seed, transform):
+    for t, values in _task_by_task(vectors, seed, transform):
         bits = _float_bits(values.abs())
-        in_bin = (bits >> 16) == hi.unsqueeze(1).int()
+        in_bin = (bits >> 16) == int(hi[t])
         outside = torch.where(in_bin, bits & 0xFFFF, _LO_BINS)  # one spare bin, sliced off
-        lo_counts += _per_task_histogram(outside, _LO_BINS + 1)[:, :_LO_BINS]
+        lo_counts[t] += _histogram(outside, _LO_BINS + 1)[:_LO_BINS]
     lo, _ = _locate(lo_counts, rank_in_bin)
     return ((hi << 16) | lo).int().view(torch.float32)
 
