@@ -28,10 +28,6 @@ from torch import Tensor
 CHUNK = 2048
 """Entries per inner loop: the per-chunk accumulators stay in L1."""
 
-SPAN = 32
-"""Entries per compaction test in the bracket count: about 0.8% of entries fall inside a
-bracket, so most spans of 32 hold none and skip the serial compaction loop."""
-
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -246,44 +242,52 @@ def ties_merge(
 
 
 @njit(parallel=True, cache=True)
-def _bracket(tv, lo, hi, below, kept, filled):
+def _bracket(values, low, high, below, kept, filled):
+    parts = kept.shape[0]
     capacity = kept.shape[1] - CHUNK  # slack: a chunk is compacted before it is checked
-    for t in prange(tv.shape[0]):
-        low, high, count, f = lo[t], hi[t], 0, filled[t]
-        target = kept[t]
-        for start in range(0, tv.shape[1], SPAN):
-            row = tv[t, start : start + SPAN]
+    step = (values.shape[0] + parts - 1) // parts
+    for part in prange(parts):
+        count, f = 0, filled[part]
+        target = kept[part]
+        inside = np.zeros(CHUNK, dtype=np.uint8)
+        groups = inside.view(np.uint64)  # 8 flags per word: most words are 0
+        end = min(values.shape[0], (part + 1) * step)
+        for start in range(part * step, end, CHUNK):
+            row = values[start : min(end, start + CHUNK)]
+            size = row.shape[0]
             under = 0  # integer sums vectorize; float ones would need reassociation
-            inside = 0
-            for j in range(row.shape[0]):
+            for j in range(size):
                 a = abs(row[j])
                 under += np.int32(a < low)
-                inside += np.int32((a >= low) & (a <= high))
+                inside[j] = np.uint8((a >= low) & (a <= high))
+            inside[size:] = 0
             count += under
-            if inside and f <= capacity:  # compact the few spans holding [lo, hi] values
-                for j in range(row.shape[0]):
-                    a = abs(row[j])
-                    target[f] = a
-                    f += np.int64((a >= low) & (a <= high))
-            else:
-                f += inside
-        below[t] += count
-        filled[t] = f
+            for g in range((size + 7) // 8):
+                if groups[g] == 0:
+                    continue
+                for j in range(g * 8, g * 8 + 8):  # compact the few groups holding some
+                    target[min(f, capacity + CHUNK - 1)] = abs(row[min(j, size - 1)])
+                    f += np.int64(inside[j])
+        below[part] += count
+        filled[part] = f
 
 
 def bracket_counts(
-    task_vectors: Tensor, lo: Tensor, hi: Tensor, below: Tensor, kept: Tensor, filled: Tensor
+    values: Tensor, lo: float, hi: float, below: Tensor, kept: Tensor, filled: Tensor
 ) -> None:
-    """Per task, add the number of |τ| < lo to ``below`` and append the |τ| in [lo, hi] to
-    ``kept`` (a preallocated ``[T, capacity + CHUNK]`` buffer; ``filled`` counts past
-    capacity too, so an overflow is visible). The only kernel that writes its arguments:
-    the accumulators.
+    """Add the number of |values| < lo to ``below`` and append the |values| in [lo, hi] to
+    ``kept``; the only kernel that writes its arguments, the accumulators.
+
+    ``values`` (one task's tensor, any shape) is split into as many contiguous parts as
+    ``kept`` has rows, counted in parallel: part i adds to ``below[i]`` and appends to
+    ``kept[i]`` (``[parts, capacity + CHUNK]``) past ``filled[i]``, which counts past the
+    capacity too, so that an overflow is visible.
     """
     _threads()
     _bracket(
-        _array(task_vectors),
-        lo.numpy(),
-        hi.numpy(),
+        values.detach().float().contiguous().reshape(-1).numpy(),
+        np.float32(lo),
+        np.float32(hi),
         below.numpy(),
         kept.numpy(),
         filled.numpy(),

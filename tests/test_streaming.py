@@ -203,6 +203,30 @@ def test_a_missed_bracket_falls_back_to_the_radix_selection(monkeypatch):
     assert calls and got.tolist() == _exact(vectors, 0.2)
 
 
+def test_an_overflowing_bracket_falls_back_to_the_radix_selection(monkeypatch):
+    _, vectors = _model(seed=5)
+    monkeypatch.setattr(masking, "CAPACITY", 64)  # far fewer than the bracket holds
+    got = global_thresholds(InMemoryTaskVectors(vectors), 0.2)
+    assert got.tolist() == _exact(vectors, 0.2)
+
+
+@pytest.mark.parametrize("size", [0, 3, 4, 4099, 50_001])
+def test_bracket_counts_split_a_tensor_into_parts(size):
+    values = torch.randn(size, generator=torch.Generator().manual_seed(size))
+    values[::7] = 0.5  # values on the bracket's edges count as inside
+    parts = 4
+    below = torch.zeros(parts, dtype=torch.int64)
+    kept = torch.full((parts, 20_000 + kernels.CHUNK), -1.0)
+    filled = torch.zeros(parts, dtype=torch.int64)
+    for _ in range(2):  # the accumulators add up over calls
+        kernels.bracket_counts(values, 0.5, 1.0, below, kept, filled)
+    magnitudes = values.abs()
+    inside = magnitudes[(magnitudes >= 0.5) & (magnitudes <= 1.0)]
+    assert int(below.sum()) == 2 * int((magnitudes < 0.5).sum())
+    got = torch.cat([kept[i, : filled[i]] for i in range(parts)])
+    assert torch.equal(got.sort().values, torch.cat([inside, inside]).sort().values)
+
+
 def test_heavy_ties_give_the_exact_threshold():
     gen = torch.Generator().manual_seed(2)
     vectors = {

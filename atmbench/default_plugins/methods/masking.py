@@ -65,7 +65,11 @@ SAMPLE_STRIDE = 64
 
 CAPACITY = 1 << 21
 """Magnitudes per task the counting pass may keep inside the bracket (about 0.8% of a
-ViT-B-32 tower's 88 M entries fall there); more means the bracket missed."""
+ViT-B-32 tower's 88 M entries fall there), a share of it per part; more means the bracket
+missed."""
+
+PARTS = 4
+"""Each task's parameters are counted in this many contiguous parts, in parallel."""
 
 _HI_BINS = 1 << 15  # |x| as float32 bits has a clear sign bit: 15 high bits, 16 low bits
 _LO_BINS = 1 << 16
@@ -136,23 +140,25 @@ def global_thresholds(
     what was kept. Where the bracket misses (heavy ties, odd distributions) it falls back to
     :func:`radix_thresholds`. ``k = 1`` gives 0 (keep all).
     """
-    tasks = len(vectors.tasks)
+    tasks, parts = len(vectors.tasks), PARTS
     lo, hi = _bracket(_sample(vectors, seed, transform), k)
-    below = torch.zeros(tasks, dtype=torch.int64)
-    kept = torch.empty(tasks, CAPACITY + kernels.CHUNK)
-    filled = torch.zeros(tasks, dtype=torch.int64)
+    below = torch.zeros(tasks, parts, dtype=torch.int64)
+    kept = torch.empty(tasks, parts, CAPACITY // parts + kernels.CHUNK)
+    filled = torch.zeros(tasks, parts, dtype=torch.int64)
     total = 0
     for t, values in _task_by_task(vectors, seed, transform):
-        total += values.shape[1] if t == 0 else 0
-        one = slice(t, t + 1)
-        kernels.bracket_counts(values, lo[one], hi[one], below[one], kept[one], filled[one])
+        total += values.numel() if t == 0 else 0
+        kernels.bracket_counts(values, float(lo[t]), float(hi[t]), below[t], kept[t], filled[t])
     rank = total - int(total * k)
     if rank <= 0:
         return torch.zeros(tasks)
-    within = rank - below
-    if bool(((within < 1) | (within > filled) | (filled > CAPACITY)).any()):
+    within = rank - below.sum(1)
+    missed = (within < 1) | (within > filled.sum(1)) | (filled > CAPACITY // parts).any(1)
+    if bool(missed.any()):
         return radix_thresholds(vectors, k, seed, transform)  # the bracket missed
-    return kernels.kth_smallest(kept, filled, within)
+    inside = [torch.cat([kept[t, i, : filled[t, i]] for i in range(parts)]) for t in range(tasks)]
+    counts = torch.tensor([len(values) for values in inside])
+    return kernels.kth_smallest(torch.nn.utils.rnn.pad_sequence(inside, True), counts, within)
 
 
 def _float_bits(magnitudes: Tensor) -> Tensor:
