@@ -73,6 +73,16 @@ def uniform(seed: int, offset: int, count: int) -> Tensor:
     return torch.from_numpy(out)
 
 
+@njit(inline="always")
+def _dropped(row, seed, first, p, survivors, out):
+    """DARE's τ ⊙ (u > p) / (1 − p) of one contiguous row piece into ``out``, u drawn from
+    the stream of ``seed`` from entry ``first``: one expression for every kernel that fuses
+    the drop, so that they all give :func:`dare`'s float32 values."""
+    for j in range(row.shape[0]):
+        keep = np.float32(_splitmix(seed, first + np.uint64(j)) > p)
+        out[j] = row[j] * keep / survivors
+
+
 # ---------------------------------------------------------------- selection by counting
 
 _MAGNITUDE = np.int32(0x7FFFFFFF)
@@ -170,17 +180,24 @@ def _trimmed_sums(tv, thresholds, start, stop, total):
 
 
 @njit(parallel=True, cache=True)
-def _ties(tv, thresholds, majority, mean, out):
-    n = tv.shape[1]
+def _ties(tv, thresholds, majority, mean, out, dropping, seeds, offset, p):
+    tasks, n = tv.shape
     fallback = np.float32(1.0) if majority > 0 else np.float32(-1.0)
+    survivors = np.float32(1.0) - p
     votes = 0.0
     undecided = 0.0
     for chunk in prange((n + CHUNK - 1) // CHUNK):
         start = chunk * CHUNK
         stop = min(n, start + CHUNK)
         size = stop - start
+        src, first = tv, start
+        if dropping:  # DARE-TIES: the chunk's dropped vectors, drawn into L1
+            src, first = np.empty((tasks, size), dtype=np.float32), 0
+            for t in range(tasks):
+                row = tv[t, start:stop]
+                _dropped(row, seeds[t], offset + np.uint64(start), p, survivors, src[t])
         total = np.empty(size, dtype=np.float32)
-        _trimmed_sums(tv, thresholds, start, stop, total)
+        _trimmed_sums(src, thresholds, first, first + size, total)
         # Elected direction: sign of the sum, the majority where it is 0; a 0 majority
         # keeps the negative entries (the official where(γ > 0, τ̂ > 0, τ̂ < 0)).
         direction = np.empty(size, dtype=np.float32)
@@ -189,9 +206,9 @@ def _ties(tv, thresholds, majority, mean, out):
             direction[j] = d + fallback * np.float32(d == 0)
         picked = np.zeros(size, dtype=np.float32)
         count = np.zeros(size, dtype=np.float32)
-        for t in range(tv.shape[0]):
+        for t in range(tasks):
             threshold = thresholds[t]
-            row = tv[t, start:stop]
+            row = src[t, first : first + size]
             for j in range(size):
                 v = row[j]
                 agree = np.float32((abs(v) >= threshold) & (v * direction[j] > 0))
@@ -220,6 +237,7 @@ def ties_merge(
     majority: float,
     mean: bool,
     out: Tensor | None = None,
+    drop: tuple[list[int], int, float] | None = None,
 ) -> tuple[Tensor, int, int]:
     """Trim at ``thresholds``, elect signs (``majority`` where the sum is 0), disjoint mean
     (or sum) of one parameter block ``[T, ...]``: the fused form of ``masking``'s
@@ -228,36 +246,51 @@ def ties_merge(
     Also returns the block's votes Σ sign(Σ_t t) and how many entries the majority decided
     (kept entries of both signs summing to 0), so that one pass serves both. Into ``out``
     (float32, C-contiguous, shape ``[...]``) if given.
+
+    ``drop = (seeds, offset, p)`` merges :func:`dare`'s dropped and rescaled vectors instead,
+    drawn chunk by chunk into L1 rather than written out as a block and read back.
     """
     _threads()
     out = torch.empty(task_vectors.shape[1:]) if out is None else out
+    seeds, offset, p = drop if drop else ([0] * len(task_vectors), 0, 0.0)
     votes, undecided = _ties(
         _array(task_vectors),
         thresholds.float().contiguous().numpy(),
         majority,
         mean,
         out.view(-1).numpy(),
+        drop is not None,
+        np.array(seeds, dtype=np.uint64),
+        np.uint64(offset),
+        np.float32(p),
     )
     return out, int(votes), int(undecided)
 
 
 @njit(parallel=True, cache=True)
-def _bracket(values, low, high, below, kept, filled):
+def _bracket(values, low, high, below, kept, filled, dropping, seed, p):
     parts = kept.shape[0]
     capacity = kept.shape[1] - CHUNK  # slack: a chunk is compacted before it is checked
     step = (values.shape[0] + parts - 1) // parts
+    survivors = np.float32(1.0) - p
     for part in prange(parts):
         count, f = 0, filled[part]
         target = kept[part]
+        magnitudes = np.empty(CHUNK, dtype=np.float32)
         inside = np.zeros(CHUNK, dtype=np.uint8)
         groups = inside.view(np.uint64)  # 8 flags per word: most words are 0
         end = min(values.shape[0], (part + 1) * step)
         for start in range(part * step, end, CHUNK):
             row = values[start : min(end, start + CHUNK)]
             size = row.shape[0]
+            if dropping:
+                _dropped(row, seed, np.uint64(start), p, survivors, magnitudes)
+            else:
+                magnitudes[:size] = row
             under = 0  # integer sums vectorize; float ones would need reassociation
             for j in range(size):
-                a = abs(row[j])
+                a = abs(magnitudes[j])
+                magnitudes[j] = a
                 under += np.int32(a < low)
                 inside[j] = np.uint8((a >= low) & (a <= high))
             inside[size:] = 0
@@ -266,14 +299,20 @@ def _bracket(values, low, high, below, kept, filled):
                 if groups[g] == 0:
                     continue
                 for j in range(g * 8, g * 8 + 8):  # compact the few groups holding some
-                    target[min(f, capacity + CHUNK - 1)] = abs(row[min(j, size - 1)])
+                    target[min(f, capacity + CHUNK - 1)] = magnitudes[min(j, size - 1)]
                     f += np.int64(inside[j])
         below[part] += count
         filled[part] = f
 
 
 def bracket_counts(
-    values: Tensor, lo: float, hi: float, below: Tensor, kept: Tensor, filled: Tensor
+    values: Tensor,
+    lo: float,
+    hi: float,
+    below: Tensor,
+    kept: Tensor,
+    filled: Tensor,
+    drop: tuple[int, float] | None = None,
 ) -> None:
     """Add the number of |values| < lo to ``below`` and append the |values| in [lo, hi] to
     ``kept``; the only kernel that writes its arguments, the accumulators.
@@ -282,8 +321,12 @@ def bracket_counts(
     ``kept`` has rows, counted in parallel: part i adds to ``below[i]`` and appends to
     ``kept[i]`` (``[parts, capacity + CHUNK]``) past ``filled[i]``, which counts past the
     capacity too, so that an overflow is visible.
+
+    ``drop = (seed, p)`` counts :func:`dare`'s dropped and rescaled values instead (the stream
+    of ``seed`` from entry 0), drawn on the fly: no dropped copy is written and read back.
     """
     _threads()
+    seed, p = drop if drop else (0, 0.0)
     _bracket(
         values.detach().float().contiguous().reshape(-1).numpy(),
         np.float32(lo),
@@ -291,6 +334,9 @@ def bracket_counts(
         below.numpy(),
         kept.numpy(),
         filled.numpy(),
+        drop is not None,
+        np.uint64(seed),
+        np.float32(p),
     )
 
 
@@ -305,11 +351,9 @@ def _dare(tv, seeds, offset, p, survivors, out):
         t = np.int64(index) // chunks
         start = (np.int64(index) - t * chunks) * CHUNK
         row = tv[t, start : start + CHUNK]
-        target = out[t, start : start + CHUNK]
-        first = offset + np.uint64(start)
-        for j in range(row.shape[0]):
-            keep = np.float32(_splitmix(seeds[t], first + np.uint64(j)) > p)
-            target[j] = row[j] * keep / survivors
+        _dropped(
+            row, seeds[t], offset + np.uint64(start), p, survivors, out[t, start : start + CHUNK]
+        )
 
 
 def dare(

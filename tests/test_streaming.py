@@ -227,6 +227,47 @@ def test_bracket_counts_split_a_tensor_into_parts(size):
     assert torch.equal(got.sort().values, torch.cat([inside, inside]).sort().values)
 
 
+def test_kernels_draw_the_dare_drop_themselves():
+    """The fused drop (count and merge kernels) gives exactly what dare() writes out."""
+    gen = torch.Generator().manual_seed(11)
+    tv = torch.randn(3, 7, 333, generator=gen)
+    ctx = TensorContext("w", ("a", "b", "c"), seed=5, offset=1001)  # an odd offset
+    dropped = dare(tv, ctx, 0.3).clone()
+    seeds = [ctx.task_seed(t) for t in range(3)]
+    thresholds = torch.tensor([0.5, 0.8, 1.1])
+    for majority in (-1.0, 1.0):
+        want = kernels.ties_merge(dropped, thresholds, majority, True)
+        got = kernels.ties_merge(tv, thresholds, majority, True, drop=(seeds, 1001, 0.3))
+        assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
+    whole = TensorContext("w", ("a",), seed=5)  # the count pass: one task, from entry 0
+    counts = []
+    for values, drop in ((dare(tv[:1], whole, 0.3), None), (tv[0], (whole.task_seed(0), 0.3))):
+        below, filled = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+        kept = torch.zeros(2, 5000 + kernels.CHUNK)
+        kernels.bracket_counts(values, 0.4, 0.9, below, kept, filled, drop)
+        counts.append((below.tolist(), filled.tolist(), kept[:, :3000]))
+    assert counts[0][:2] == counts[1][:2] and torch.equal(counts[0][2], counts[1][2])
+
+
+def test_dare_ties_draws_block_by_block_as_dare_does(monkeypatch):
+    """Row blocks at odd offsets: the kernel's drop is the same stream as dare()'s."""
+    gen = torch.Generator().manual_seed(12)
+    shapes = {"w": (40, 333), "b": (333,)}
+    base = {k: torch.zeros(s) for k, s in shapes.items()}
+    vectors = {t: {k: torch.randn(s, generator=gen) for k, s in shapes.items()} for t in "abc"}
+    stacked = {k: torch.stack([vectors[t][k] for t in "abc"]) for k in shapes}
+    drops = {k: dare(tv, TensorContext(k, ("a", "b", "c")), 0.5) for k, tv in stacked.items()}
+    dropped = {t: {k: drops[k][i].clone() for k in shapes} for i, t in enumerate("abc")}
+    monkeypatch.setattr("atmbench.streaming.BLOCK", 1000)  # three rows of 333 per block
+    methods = registry.methods()
+    hp = {"k": 0.2, "merge": "mean"}
+    got = merged_task_vector(
+        methods["dare_ties"], base, InMemoryTaskVectors(vectors), dict(hp, p=0.5)
+    )
+    want = merged_task_vector(methods["ties"], base, InMemoryTaskVectors(dropped), hp)
+    assert all(torch.equal(got[k], want[k]) for k in shapes)
+
+
 def test_heavy_ties_give_the_exact_threshold():
     gen = torch.Generator().manual_seed(2)
     vectors = {

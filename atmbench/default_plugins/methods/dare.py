@@ -27,6 +27,7 @@ from torch import Tensor
 from atmbench.default_plugins.methods import ta, ties
 from atmbench.default_plugins.methods.masking import (
     MERGE,
+    Drop,
     dare,
     ties_finish,
     ties_k,
@@ -53,13 +54,13 @@ def dare_ta(base: Tensor, task_vectors: Tensor, ctx: TensorContext, p: float) ->
 
 
 def prepare_ties(vectors: TaskVectors, seed: int, p: float, k: float, **_: object):
-    return ties_prepare(vectors, seed, k, transform=lambda tv, ctx: dare(tv, ctx, p))
+    return ties_prepare(vectors, seed, k, transform=Drop(p))
 
 
 def dare_ties(
     base: Tensor, task_vectors: Tensor, ctx: TensorContext, p: float, k: float, merge: str
 ) -> Tensor:
-    return ties_merge(dare(task_vectors, ctx, p), ctx, merge)
+    return ties_merge(task_vectors, ctx, merge, drop=Drop(p))
 
 
 @hookimpl

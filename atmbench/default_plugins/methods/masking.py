@@ -76,17 +76,17 @@ _LO_BINS = 1 << 16
 
 
 def _task_by_task(vectors: TaskVectors, seed: int, transform: Transform | None):
-    """Yield ``(task index, values [1, n])`` for every parameter and task, straight from the
-    task's (memory-mapped) tensor: a count needs no stacked block, and stacking would copy
-    every byte once more. Non-finite values are left to the merge pass to report."""
+    """Yield ``(task index, values [1, n], ctx)`` for every parameter and task, straight from
+    the task's (memory-mapped) tensor: a count needs no stacked block, and stacking would
+    copy every byte once more. Non-finite values are left to the merge pass to report."""
     scratch = Scratch()
     for key in floating_keys(vectors):
         for t, task in enumerate(vectors.tasks):
             values = vectors.get(task, key).unsqueeze(0)  # [1, ...]: a stack of one task
+            ctx = TensorContext(key, (task,), seed, scratch=scratch)
             if transform:
-                ctx = TensorContext(key, (task,), seed, scratch=scratch)
                 values = transform(values.float(), ctx)
-            yield t, values.reshape(1, -1)
+            yield t, values.reshape(1, -1), ctx
 
 
 def _sample(vectors: TaskVectors, seed: int, transform: Transform | None) -> Tensor:
@@ -146,9 +146,12 @@ def global_thresholds(
     kept = torch.empty(tasks, parts, CAPACITY // parts + kernels.CHUNK)
     filled = torch.zeros(tasks, parts, dtype=torch.int64)
     total = 0
-    for t, values in _task_by_task(vectors, seed, transform):
+    drop = transform.p if isinstance(transform, Drop) else None  # drawn by the kernel
+    for t, values, ctx in _task_by_task(vectors, seed, None if drop is not None else transform):
         total += values.numel() if t == 0 else 0
-        kernels.bracket_counts(values, float(lo[t]), float(hi[t]), below[t], kept[t], filled[t])
+        dropping = (ctx.task_seed(0), drop) if drop is not None else None
+        one = (below[t], kept[t], filled[t])
+        kernels.bracket_counts(values, float(lo[t]), float(hi[t]), *one, dropping)
     rank = total - int(total * k)
     if rank <= 0:
         return torch.zeros(tasks)
@@ -193,7 +196,7 @@ def radix_thresholds(
     """
     tasks = len(vectors.tasks)
     hi_counts = torch.zeros(tasks, _HI_BINS, dtype=torch.int64)
-    for t, values in _task_by_task(vectors, seed, transform):
+    for t, values, _ in _task_by_task(vectors, seed, transform):
         hi_counts[t] += _histogram(_float_bits(values.abs()) >> 16, _HI_BINS)
     total = int(hi_counts[0].sum())
     rank = total - int(total * k)
@@ -202,7 +205,7 @@ def radix_thresholds(
     ranks = torch.full((tasks,), rank, dtype=torch.int64)
     hi, rank_in_bin = _locate(hi_counts, ranks)
     lo_counts = torch.zeros(tasks, _LO_BINS, dtype=torch.int64)
-    for t, values in _task_by_task(vectors, seed, transform):
+    for t, values, _ in _task_by_task(vectors, seed, transform):
         bits = _float_bits(values.abs())
         in_bin = (bits >> 16) == int(hi[t])
         outside = torch.where(in_bin, bits & 0xFFFF, _LO_BINS)  # one spare bin, sliced off
@@ -268,6 +271,7 @@ def ties_merge(
     ctx: TensorContext,
     merge: str,
     then: Callable[[Tensor], Tensor] | None = None,
+    drop: Drop | None = None,
 ) -> Tensor:
     """Trim, elect, disjoint merge of one parameter (or block), given ``ctx.state``.
 
@@ -275,18 +279,25 @@ def ties_merge(
     ``disjoint_merge(t, elect_sign(t, majority), merge)`` with ``t = trim(τ, thresholds)``,
     up to the rounding of the sums over tasks (summed in task order). ``then`` maps the
     merged block further (Consensus-TIES' masks), and the entries a tie leaves to the
-    majority are recorded after it.
+    majority are recorded after it. ``drop`` merges ``drop(task_vectors, ctx)`` instead,
+    drawn by the kernel (DARE-TIES).
     """
     state: TiesState = ctx.state
     then = then or (lambda merged: merged)
     mean = merge == "mean"
     out = ctx.scratch.empty("ties", task_vectors.shape[1:])
-    merged, votes, undecided = kernels.ties_merge(task_vectors, state.thresholds, -1.0, mean, out)
+    seeds = [ctx.task_seed(t) for t in range(len(task_vectors))]
+    dropping = (seeds, ctx.offset, drop.p) if drop else None
+
+    def fused(majority: float, out: Tensor | None = None) -> tuple[Tensor, int, int]:
+        return kernels.ties_merge(task_vectors, state.thresholds, majority, mean, out, dropping)
+
+    merged, votes, undecided = fused(-1.0, out)
     state.votes += votes
     result = then(merged)
     if undecided:
         result = result.clone()  # ``then`` may write the next call into the same scratch
-        positive = then(kernels.ties_merge(task_vectors, state.thresholds, 1.0, mean)[0])
+        positive = then(fused(1.0)[0])
         where = (positive != result).reshape(-1).nonzero().squeeze(1)
         state.pending.append((ctx.key, where + ctx.offset, positive.reshape(-1)[where]))
     return result
@@ -324,6 +335,20 @@ def dare(task_vectors: Tensor, ctx: TensorContext, p: float) -> Tensor:
     seeds = [ctx.task_seed(t) for t in range(len(task_vectors))]
     out = ctx.scratch.empty("dare", task_vectors.shape)
     return kernels.dare(task_vectors, seeds, ctx.offset, p, out)
+
+
+@dataclass(frozen=True)
+class Drop:
+    """DARE's drop as TIES' transform (DARE-TIES): ``Drop(p)(τ, ctx) == dare(τ, ctx, p)``.
+
+    The counting and merging kernels recognize it and draw the masks themselves, chunk by
+    chunk, instead of writing the dropped vectors out and reading them back.
+    """
+
+    p: float
+
+    def __call__(self, task_vectors: Tensor, ctx: TensorContext) -> Tensor:
+        return dare(task_vectors, ctx, self.p)
 
 
 # ---------------------------------------------------------------- Consensus / TALL masks
