@@ -100,9 +100,9 @@ def _count_at_least(values, size, floor):
 
 
 @njit(inline="always")
-def _kth_largest(values, size, k, lo, hi):
-    """The k-th largest of ``values[:size]`` (int32), given that all values are ≥ lo and
-    fewer than k are ≥ hi.
+def _kth_largest(values, size, above, k, lo, hi):
+    """The k-th largest of ``values[:size]`` (int32), given that ``above`` of them are ≥ lo
+    (the others are padding below it) and fewer than k are ≥ hi.
 
     Search by counting: each step counts the values ≥ a probe, a vectorized compare and sum
     with no data-dependent branch (a quickselect mispredicts a branch on about every other
@@ -110,7 +110,7 @@ def _kth_largest(values, size, k, lo, hi):
     crosses k, with a bisection whenever that gained less than half; the search ends once
     exactly k or k − 1 values lie above a probe, with one pass for the nearest value.
     """
-    count_lo, count_hi = size, 0
+    count_lo, count_hi = above, 0
     bisect = False
     while hi - lo > 1:
         if count_lo == k:  # the k-th largest is the smallest value ≥ lo
@@ -148,7 +148,7 @@ def _kth_smallest(bits, counts, ranks, out):
         top = np.int32(0)
         for j in range(size):
             top = max(top, values[j])
-        out[t] = _kth_largest(values, size, size - ranks[t] + 1, 0, top + 1)
+        out[t] = _kth_largest(values, size, size, size - ranks[t] + 1, 0, top + 1)
 
 
 def kth_smallest(magnitudes: Tensor, counts: Tensor, ranks: Tensor) -> Tensor:
@@ -417,8 +417,21 @@ def consensus(
 ROWS = 16
 """Rows per parallel task in the band kernel: one set of scratch buffers serves them all."""
 
+LANES = 64
+"""Selections on a row's few hundred values pad them to a multiple of this (LLVM's
+vectorized loop step) with values below the search: a remainder would run scalar."""
+
 STRIDE = 8
 """One entry in STRIDE is sampled to guess a row's lower band bound."""
+
+
+@njit(inline="always")
+def _pad(values, size):
+    """Fill ``values`` from ``size`` up to the next multiple of :data:`LANES` with -1 (below
+    every magnitude's bits); return that length."""
+    padded = (size + LANES - 1) // LANES * LANES
+    values[size:padded] = -1
+    return padded
 
 
 @njit(inline="always")
@@ -442,7 +455,7 @@ def _bounds(bits, start, stop, sample, kept):
         expected = stop * size / cols
         rank = int(expected + 3.0 * np.sqrt(expected) + 2.0)
         if rank < size:
-            floor = _kth_largest(sample, size, rank, 0, top + 1)
+            floor = _kth_largest(sample, _pad(sample, size), size, rank, 0, top + 1)
             filled = 0
             for j in range(cols):
                 v = bits[j] & _MAGNITUDE
@@ -454,11 +467,12 @@ def _bounds(bits, start, stop, sample, kept):
     if filled == cols:
         for j in range(cols):
             kept[j] = bits[j] & _MAGNITUDE
+    padded = _pad(kept, filled)
     top = np.int32(0)
-    for j in range(filled):
+    for j in range(padded):
         top = max(top, kept[j])
-    lower = _kth_largest(kept, filled, stop, floor, top + 1)
-    upper = _kth_largest(kept, filled, start + 1, floor, top + 1)
+    lower = _kth_largest(kept, padded, filled, stop, floor, top + 1)
+    upper = _kth_largest(kept, padded, filled, start + 1, floor, top + 1)
     return lower, upper
 
 
@@ -466,8 +480,8 @@ def _bounds(bits, start, stop, sample, kept):
 def _band_sum(tv, bits, start, stop, out, repeats):
     tasks, count, cols = tv.shape
     for group in prange((count + ROWS - 1) // ROWS):
-        sample = np.empty(cols // STRIDE + 1, dtype=np.int32)
-        kept = np.empty(cols, dtype=np.int32)
+        sample = np.empty(cols // STRIDE + LANES, dtype=np.int32)
+        kept = np.empty(cols + LANES, dtype=np.int32)
         for r in range(group * ROWS, min(count, (group + 1) * ROWS)):
             total = out[r]
             total[:] = 0.0
