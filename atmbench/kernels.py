@@ -46,12 +46,17 @@ def _array(tensor: Tensor) -> np.ndarray:
 
 
 @njit(inline="always")
-def _splitmix(seed, index):
+def _bits24(seed, index):
+    """The top 24 bits of SplitMix64's output ``index`` of the stream of ``seed``."""
     z = seed + (index + np.uint64(1)) * _GOLDEN
     z = (z ^ (z >> np.uint64(30))) * _MIX1
     z = (z ^ (z >> np.uint64(27))) * _MIX2
-    z = z ^ (z >> np.uint64(31))
-    return np.float32(z >> np.uint64(40)) * np.float32(2.0**-24)
+    return (z ^ (z >> np.uint64(31))) >> np.uint64(40)
+
+
+@njit(inline="always")
+def _splitmix(seed, index):
+    return np.float32(_bits24(seed, index)) * np.float32(2.0**-24)
 
 
 @njit(parallel=True, cache=True)
@@ -77,9 +82,13 @@ def uniform(seed: int, offset: int, count: int) -> Tensor:
 def _dropped(row, seed, first, p, survivors, out):
     """DARE's τ ⊙ (u > p) / (1 − p) of one contiguous row piece into ``out``, u drawn from
     the stream of ``seed`` from entry ``first``: one expression for every kernel that fuses
-    the drop, so that they all give :func:`dare`'s float32 values."""
+    the drop, so that they all give :func:`dare`'s float32 values.
+
+    u = m · 2⁻²⁴ > p exactly when the integer m > ⌊p · 2²⁴⌋: an integer compare, no
+    conversion to float per entry."""
+    cut = np.uint64(np.float64(p) * 16777216.0)
     for j in range(row.shape[0]):
-        keep = np.float32(_splitmix(seed, first + np.uint64(j)) > p)
+        keep = np.float32(_bits24(seed, first + np.uint64(j)) > cut)
         out[j] = row[j] * keep / survivors
 
 
