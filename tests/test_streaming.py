@@ -394,7 +394,7 @@ def test_fused_dare_matches_masks_times_rescale():
     gen = torch.Generator().manual_seed(0)
     tv = torch.randn(3, 30, 11, generator=gen)
     ctx = TensorContext("w", ("a", "b", "c"), seed=4, offset=330)
-    for p in (0.0, 0.3, 0.9):
+    for p in (0.0, 0.1, 0.3, 0.5, 0.9):  # 0.5: u = p exactly is possible, and dropped
         want = dare_rescale(tv, dare_keep_masks(tv, ctx, p), p)
         assert torch.equal(dare(tv, ctx, p), want)
 
