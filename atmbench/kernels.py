@@ -189,7 +189,7 @@ def _trimmed_sums(tv, thresholds, start, stop, total):
 
 
 @njit(parallel=True, cache=True)
-def _ties(tv, thresholds, majority, mean, out, dropping, seeds, offset, p):
+def _ties(tv, thresholds, majority, mean, out, dropping, seeds, offset, p, masking, lam, quorum):
     tasks, n = tv.shape
     fallback = np.float32(1.0) if majority > 0 else np.float32(-1.0)
     survivors = np.float32(1.0) - p
@@ -228,6 +228,8 @@ def _ties(tv, thresholds, majority, mean, out, dropping, seeds, offset, p):
                 out[start + j] = picked[j] / max(count[j], np.float32(1.0))
         else:
             out[start:stop] = picked
+        if masking:  # Consensus-TIES: the TALL-mask vote on the chunk, while it is in L1
+            _consensus_chunk(tv, start, stop, out[start:stop], lam, quorum, out[start:stop])
         # The votes of the elected signs, and the entries the majority decided: a zero sum
         # of non-zero kept entries, i.e. kept entries of both signs (integer sums vectorize).
         part = 0
@@ -247,6 +249,7 @@ def ties_merge(
     mean: bool,
     out: Tensor | None = None,
     drop: tuple[list[int], int, float] | None = None,
+    consensus: tuple[float, int] | None = None,
 ) -> tuple[Tensor, int, int]:
     """Trim at ``thresholds``, elect signs (``majority`` where the sum is 0), disjoint mean
     (or sum) of one parameter block ``[T, ...]``: the fused form of ``masking``'s
@@ -258,10 +261,13 @@ def ties_merge(
 
     ``drop = (seeds, offset, p)`` merges :func:`dare`'s dropped and rescaled vectors instead,
     drawn chunk by chunk into L1 rather than written out as a block and read back.
+    ``consensus = (λ, agree)`` masks the merged chunks as :func:`consensus` does (comparing
+    with the task vectors as given), while they are still in L1 (Consensus-TIES).
     """
     _threads()
     out = torch.empty(task_vectors.shape[1:]) if out is None else out
     seeds, offset, p = drop if drop else ([0] * len(task_vectors), 0, 0.0)
+    lam, agree = consensus if consensus else (0.0, 0)
     votes, undecided = _ties(
         _array(task_vectors),
         thresholds.float().contiguous().numpy(),
@@ -272,6 +278,9 @@ def ties_merge(
         np.array(seeds, dtype=np.uint64),
         np.uint64(offset),
         np.float32(p),
+        consensus is not None,
+        np.float32(lam),
+        agree,
     )
     return out, int(votes), int(undecided)
 
@@ -391,20 +400,26 @@ def dare(
 # ---------------------------------------------------------------- Consensus / TALL masks
 
 
+@njit(inline="always")
+def _consensus_chunk(tv, start, stop, merged, lam, agree, out):
+    """``out = merged ⊙ 1{#{t : |τ_t| > λ|merged − τ_t|} ≥ agree}`` on entries start … stop of
+    the task vectors (``out`` may be ``merged``)."""
+    votes = np.zeros(stop - start, dtype=np.float32)
+    for t in range(tv.shape[0]):
+        row = tv[t, start:stop]
+        for j in range(stop - start):
+            votes[j] += np.float32(abs(row[j]) > lam * abs(merged[j] - row[j]))
+    for j in range(stop - start):
+        out[j] = merged[j] * np.float32(votes[j] >= agree)
+
+
 @njit(parallel=True, cache=True)
 def _consensus(tv, merged, lam, agree, out):
     n = tv.shape[1]
     for chunk in prange((n + CHUNK - 1) // CHUNK):
         start = chunk * CHUNK
         stop = min(n, start + CHUNK)
-        base = merged[start:stop]
-        votes = np.zeros(stop - start, dtype=np.float32)
-        for t in range(tv.shape[0]):
-            row = tv[t, start:stop]
-            for j in range(stop - start):
-                votes[j] += np.float32(abs(row[j]) > lam * abs(base[j] - row[j]))
-        for j in range(stop - start):
-            out[start + j] = base[j] * np.float32(votes[j] >= agree)
+        _consensus_chunk(tv, start, stop, merged[start:stop], lam, agree, out[start:stop])
 
 
 def consensus(

@@ -390,6 +390,18 @@ def test_fused_ties_kernel_matches_the_torch_definition(tasks):
             assert undecided == (4 if tasks > 1 else 0)
 
 
+@pytest.mark.parametrize("agree", [0, 1, 2, 4])
+def test_ties_kernel_masks_with_the_consensus_kernel(agree):
+    """Consensus-TIES' fused mask equals the consensus kernel run on TIES' output."""
+    tv = torch.randn(3, 5000, generator=torch.Generator().manual_seed(agree))
+    thresholds = torch.tensor([0.3, 0.6, 0.9])
+    for majority, mean, lam in ((-1.0, False, 0.6), (1.0, True, 0.2)):
+        merged, votes, undecided = kernels.ties_merge(tv, thresholds, majority, mean)
+        want = kernels.consensus(tv, merged, lam, agree)
+        got = kernels.ties_merge(tv, thresholds, majority, mean, consensus=(lam, agree))
+        assert torch.equal(got[0], want) and got[1:] == (votes, undecided)
+
+
 def test_fused_dare_matches_masks_times_rescale():
     gen = torch.Generator().manual_seed(0)
     tv = torch.randn(3, 30, 11, generator=gen)

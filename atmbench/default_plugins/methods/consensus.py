@@ -87,10 +87,7 @@ def consensus_ties(
     k: float,
     merge: str,
 ) -> Tensor:
-    def masked(merged: Tensor) -> Tensor:
-        return consensus(merged, task_vectors, ctx, mask_lam, agree)
-
-    return ties_merge(task_vectors, ctx, merge, then=masked)
+    return ties_merge(task_vectors, ctx, merge, consensus=(mask_lam, agree))
 
 
 @hookimpl

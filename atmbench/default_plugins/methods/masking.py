@@ -270,34 +270,33 @@ def ties_merge(
     task_vectors: Tensor,
     ctx: TensorContext,
     merge: str,
-    then: Callable[[Tensor], Tensor] | None = None,
     drop: Drop | None = None,
+    consensus: tuple[float, int] | None = None,
 ) -> Tensor:
     """Trim, elect, disjoint merge of one parameter (or block), given ``ctx.state``.
 
     Runs fused (:func:`atmbench.kernels.ties_merge`): it computes
     ``disjoint_merge(t, elect_sign(t, majority), merge)`` with ``t = trim(τ, thresholds)``,
-    up to the rounding of the sums over tasks (summed in task order). ``then`` maps the
-    merged block further (Consensus-TIES' masks), and the entries a tie leaves to the
-    majority are recorded after it. ``drop`` merges ``drop(task_vectors, ctx)`` instead,
-    drawn by the kernel (DARE-TIES).
+    up to the rounding of the sums over tasks (summed in task order). ``drop`` merges
+    ``drop(task_vectors, ctx)`` instead, drawn by the kernel (DARE-TIES); ``consensus =
+    (λ, agree)`` masks the result as ``consensus_mask(tall_masks(τ, merged, λ), agree)``
+    does (Consensus-TIES). The entries a tie leaves to the majority are recorded after both.
     """
     state: TiesState = ctx.state
-    then = then or (lambda merged: merged)
     mean = merge == "mean"
     out = ctx.scratch.empty("ties", task_vectors.shape[1:])
     seeds = [ctx.task_seed(t) for t in range(len(task_vectors))]
     dropping = (seeds, ctx.offset, drop.p) if drop else None
 
     def fused(majority: float, out: Tensor | None = None) -> tuple[Tensor, int, int]:
-        return kernels.ties_merge(task_vectors, state.thresholds, majority, mean, out, dropping)
+        return kernels.ties_merge(
+            task_vectors, state.thresholds, majority, mean, out, dropping, consensus
+        )
 
-    merged, votes, undecided = fused(-1.0, out)
+    result, votes, undecided = fused(-1.0, out)
     state.votes += votes
-    result = then(merged)
     if undecided:
-        result = result.clone()  # ``then`` may write the next call into the same scratch
-        positive = then(fused(1.0)[0])
+        positive = fused(1.0)[0]
         where = (positive != result).reshape(-1).nonzero().squeeze(1)
         state.pending.append((ctx.key, where + ctx.offset, positive.reshape(-1)[where]))
     return result
