@@ -196,15 +196,21 @@ class FileTaskVectors:
     def __init__(self, files: Mapping[str, Path]):
         self.tasks = tuple(files)
         self._handles = {t: safe_open(str(p), framework="pt") for t, p in files.items()}
+        self._tensors: dict[tuple[str, str], Tensor] = {}
 
     def keys(self, task: str) -> Iterable[str]:
         return self._handles[task].keys()
 
     def stacked(self, key: str) -> Tensor:
-        return _stack(key, self.tasks, [self._handles[t].get_tensor(key) for t in self.tasks])
+        return _stack(key, self.tasks, [self.get(t, key) for t in self.tasks])
 
     def get(self, task: str, key: str) -> Tensor:
-        return self._handles[task].get_tensor(key)
+        # Views of the file's mapping, kept: a merge asks for each tensor in every pass
+        # (sample, count, merge), and each get_tensor call costs ~25 µs.
+        tensor = self._tensors.get((task, key))
+        if tensor is None:
+            tensor = self._tensors[task, key] = self._handles[task].get_tensor(key)
+        return tensor
 
 
 def check_keys(base: Mapping[str, Tensor], vectors: TaskVectors) -> None:
