@@ -294,31 +294,32 @@ def _bracket(values, low, high, below, kept, filled, dropping, seed, p):
     for part in prange(parts):
         count, f = 0, filled[part]
         target = kept[part]
-        magnitudes = np.empty(CHUNK, dtype=np.float32)
-        inside = np.zeros(CHUNK, dtype=np.uint8)
-        groups = inside.view(np.uint64)  # 8 flags per word: most words are 0
+        dropped = np.empty(CHUNK, dtype=np.float32)
+        inside = np.zeros(CHUNK + 24, dtype=np.uint8)
+        groups = inside.view(np.uint64)  # 8 flags per word, 32 per test: most are 0
         end = min(values.shape[0], (part + 1) * step)
         for start in range(part * step, end, CHUNK):
             row = values[start : min(end, start + CHUNK)]
             size = row.shape[0]
             if dropping:
-                _dropped(row, seed, np.uint64(start), p, survivors, magnitudes)
-            else:
-                magnitudes[:size] = row
+                _dropped(row, seed, np.uint64(start), p, survivors, dropped)
+                row = dropped[:size]
             under = 0  # integer sums vectorize; float ones would need reassociation
             for j in range(size):
-                a = abs(magnitudes[j])
-                magnitudes[j] = a
+                a = abs(row[j])
                 under += np.int32(a < low)
                 inside[j] = np.uint8((a >= low) & (a <= high))
             inside[size:] = 0
             count += under
-            for g in range((size + 7) // 8):
-                if groups[g] == 0:
+            for g in range(0, (size + 7) // 8, 4):
+                if groups[g] | groups[g + 1] | groups[g + 2] | groups[g + 3] == 0:
                     continue
-                for j in range(g * 8, g * 8 + 8):  # compact the few groups holding some
-                    target[min(f, capacity + CHUNK - 1)] = magnitudes[min(j, size - 1)]
-                    f += np.int64(inside[j])
+                for w in range(g, g + 4):
+                    if groups[w] == 0:
+                        continue
+                    for j in range(w * 8, w * 8 + 8):  # compact the few groups holding some
+                        target[min(f, capacity + CHUNK - 1)] = abs(row[min(j, size - 1)])
+                        f += np.int64(inside[j])
         below[part] += count
         filled[part] = f
 
