@@ -19,11 +19,18 @@ rounding of those sums.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic
 from torch import Tensor
+
+TaskRows = Tensor | Sequence[Tensor]
+"""A block's task vectors: stacked ``[T, ...]``, or T tensors of the same shape (views of
+each task's own memory-mapped tensor: no stacked copy). Kernels read both alike."""
 
 CHUNK = 2048
 """Entries per inner loop: the per-chunk accumulators stay in L1."""
@@ -38,8 +45,39 @@ def _threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
-def _array(tensor: Tensor) -> np.ndarray:
-    return tensor.detach().float().contiguous().reshape(tensor.shape[0], -1).numpy()
+def _pointer_at(dtype: types.Type):
+    """An intrinsic giving the ``dtype`` pointer at an address: how a kernel reads T
+    separate tensors, which Numba cannot take as one argument without a costly per-call
+    dispatch (~0.35 ms)."""
+
+    @intrinsic
+    def at(typingctx, address):
+        signature = types.CPointer(dtype)(types.uint64)
+
+        def codegen(context, builder, sig, args):
+            return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+        return signature, codegen
+
+    return at
+
+
+_floats_at = _pointer_at(types.float32)
+_bits_at = _pointer_at(types.int32)
+
+
+@njit(inline="always")
+def _task(addresses, t, n):
+    """Task t's n float32 values, from :func:`_addresses`."""
+    return numba.carray(_floats_at(addresses[t]), n)
+
+
+def _addresses(task_vectors: TaskRows) -> tuple[np.ndarray, int, list[Tensor]]:
+    """Each task's values as float32, C-contiguous: their addresses, their size, and the
+    tensors themselves, which the caller keeps alive while a kernel reads them."""
+    tensors = [t.detach().float().contiguous() for t in task_vectors]
+    addresses = np.array([t.data_ptr() for t in tensors], dtype=np.uint64)
+    return addresses, tensors[0].numel(), tensors
 
 
 # ---------------------------------------------------------------- random streams
@@ -178,35 +216,39 @@ def kth_smallest(magnitudes: Tensor, counts: Tensor, ranks: Tensor) -> Tensor:
 
 
 @njit(inline="always")
-def _trimmed_sums(tv, thresholds, start, stop, total):
-    total[:] = 0.0
-    for t in range(tv.shape[0]):
-        threshold = thresholds[t]
-        row = tv[t, start:stop]
-        for j in range(stop - start):
-            v = row[j]
-            total[j] += v * np.float32(abs(v) >= threshold)
+def _load(addresses, n, start, stop, dropping, seeds, offset, p, out):
+    """Entries start … stop of every task into ``out`` ``[T, ≥ size]`` (a chunk-sized
+    buffer the later loops find in L1/L2), dropped as :func:`dare` does if ``dropping``."""
+    survivors = np.float32(1.0) - p
+    for t in range(addresses.shape[0]):
+        row = _task(addresses, t, n)[start:stop]
+        if dropping:
+            _dropped(row, seeds[t], offset + np.uint64(start), p, survivors, out[t])
+        else:
+            out[t, : stop - start] = row
 
 
 @njit(parallel=True, cache=True)
-def _ties(tv, thresholds, majority, mean, out, dropping, seeds, offset, p, masking, lam, quorum):
-    tasks, n = tv.shape
+def _ties(
+    addresses, n, thresholds, majority, mean, out, drop, seeds, offset, p, masking, lam, quorum
+):
+    tasks = addresses.shape[0]
     fallback = np.float32(1.0) if majority > 0 else np.float32(-1.0)
-    survivors = np.float32(1.0) - p
     votes = 0.0
     undecided = 0.0
     for chunk in prange((n + CHUNK - 1) // CHUNK):
         start = chunk * CHUNK
         stop = min(n, start + CHUNK)
         size = stop - start
-        src, first = tv, start
-        if dropping:  # DARE-TIES: the chunk's dropped vectors, drawn into L1
-            src, first = np.empty((tasks, size), dtype=np.float32), 0
-            for t in range(tasks):
-                row = tv[t, start:stop]
-                _dropped(row, seeds[t], offset + np.uint64(start), p, survivors, src[t])
-        total = np.empty(size, dtype=np.float32)
-        _trimmed_sums(src, thresholds, first, first + size, total)
+        tv = np.empty((tasks, CHUNK), dtype=np.float32)
+        _load(addresses, n, start, stop, drop, seeds, offset, p, tv)
+        total = np.zeros(size, dtype=np.float32)
+        for t in range(tasks):
+            threshold = thresholds[t]
+            row = tv[t, :size]
+            for j in range(size):
+                v = row[j]
+                total[j] += v * np.float32(abs(v) >= threshold)
         # Elected direction: sign of the sum, the majority where it is 0; a 0 majority
         # keeps the negative entries (the official where(γ > 0, τ̂ > 0, τ̂ < 0)).
         direction = np.empty(size, dtype=np.float32)
@@ -217,19 +259,20 @@ def _ties(tv, thresholds, majority, mean, out, dropping, seeds, offset, p, maski
         count = np.zeros(size, dtype=np.float32)
         for t in range(tasks):
             threshold = thresholds[t]
-            row = src[t, first : first + size]
+            row = tv[t, :size]
             for j in range(size):
                 v = row[j]
                 agree = np.float32((abs(v) >= threshold) & (v * direction[j] > 0))
                 picked[j] += v * agree
                 count[j] += agree
+        merged = out[start:stop]
         if mean:
             for j in range(size):
-                out[start + j] = picked[j] / max(count[j], np.float32(1.0))
+                merged[j] = picked[j] / max(count[j], np.float32(1.0))
         else:
-            out[start:stop] = picked
+            merged[:] = picked
         if masking:  # Consensus-TIES: the TALL-mask vote on the chunk, while it is in L1
-            _consensus_chunk(tv, start, stop, out[start:stop], lam, quorum, out[start:stop])
+            _consensus_chunk(tv, size, merged, lam, quorum, merged)
         # The votes of the elected signs, and the entries the majority decided: a zero sum
         # of non-zero kept entries, i.e. kept entries of both signs (integer sums vectorize).
         part = 0
@@ -243,7 +286,7 @@ def _ties(tv, thresholds, majority, mean, out, dropping, seeds, offset, p, maski
 
 
 def ties_merge(
-    task_vectors: Tensor,
+    task_vectors: TaskRows,
     thresholds: Tensor,
     majority: float,
     mean: bool,
@@ -262,14 +305,16 @@ def ties_merge(
     ``drop = (seeds, offset, p)`` merges :func:`dare`'s dropped and rescaled vectors instead,
     drawn chunk by chunk into L1 rather than written out as a block and read back.
     ``consensus = (λ, agree)`` masks the merged chunks as :func:`consensus` does (comparing
-    with the task vectors as given), while they are still in L1 (Consensus-TIES).
+    with the task vectors as merged), while they are still in L1 (Consensus-TIES).
     """
     _threads()
-    out = torch.empty(task_vectors.shape[1:]) if out is None else out
-    seeds, offset, p = drop if drop else ([0] * len(task_vectors), 0, 0.0)
+    addresses, n, alive = _addresses(task_vectors)
+    out = torch.empty(alive[0].shape) if out is None else out
+    seeds, offset, p = drop if drop else ([0] * len(alive), 0, 0.0)
     lam, agree = consensus if consensus else (0.0, 0)
     votes, undecided = _ties(
-        _array(task_vectors),
+        addresses,
+        n,
         thresholds.float().contiguous().numpy(),
         majority,
         mean,
@@ -363,20 +408,19 @@ def bracket_counts(
 
 
 @njit(parallel=True, cache=True)
-def _dare(tv, seeds, offset, p, survivors, out):
-    tasks, n = tv.shape
+def _dare(addresses, n, seeds, offset, p, survivors, out):
+    tasks = addresses.shape[0]
     chunks = (n + CHUNK - 1) // CHUNK
     for index in prange(tasks * chunks):
         t = np.int64(index) // chunks
         start = (np.int64(index) - t * chunks) * CHUNK
-        row = tv[t, start : start + CHUNK]
-        _dropped(
-            row, seeds[t], offset + np.uint64(start), p, survivors, out[t, start : start + CHUNK]
-        )
+        row = _task(addresses, t, n)[start : start + CHUNK]
+        target = out[t, start : start + CHUNK]
+        _dropped(row, seeds[t], offset + np.uint64(start), p, survivors, target)
 
 
 def dare(
-    task_vectors: Tensor, seeds: list[int], offset: int, p: float, out: Tensor | None = None
+    task_vectors: TaskRows, seeds: list[int], offset: int, p: float, out: Tensor | None = None
 ) -> Tensor:
     """τ_t ⊙ (u_t > p) / (1 − p) with u_t the :func:`uniform` stream of ``seeds[t]`` from
     ``offset``: the fused form of ``masking.dare_rescale(τ, masks, p)``, same float32 steps.
@@ -386,9 +430,11 @@ def dare(
     slower), else into a new tensor.
     """
     _threads()
-    out = torch.empty(task_vectors.shape) if out is None else out
+    addresses, n, alive = _addresses(task_vectors)
+    out = torch.empty(len(alive), *alive[0].shape) if out is None else out
     _dare(
-        _array(task_vectors),
+        addresses,
+        n,
         np.array(seeds, dtype=np.uint64),
         np.uint64(offset),
         np.float32(p),
@@ -402,29 +448,30 @@ def dare(
 
 
 @njit(inline="always")
-def _consensus_chunk(tv, start, stop, merged, lam, agree, out):
-    """``out = merged ⊙ 1{#{t : |τ_t| > λ|merged − τ_t|} ≥ agree}`` on entries start … stop of
-    the task vectors (``out`` may be ``merged``)."""
-    votes = np.zeros(stop - start, dtype=np.float32)
+def _consensus_chunk(tv, size, merged, lam, agree, out):
+    """``out = merged ⊙ 1{#{t : |τ_t| > λ|merged − τ_t|} ≥ agree}`` for a chunk's ``size``
+    entries, its task vectors loaded in ``tv`` ``[T, ≥ size]`` (``out`` may be ``merged``)."""
+    votes = np.zeros(size, dtype=np.float32)
     for t in range(tv.shape[0]):
-        row = tv[t, start:stop]
-        for j in range(stop - start):
+        row = tv[t, :size]
+        for j in range(size):
             votes[j] += np.float32(abs(row[j]) > lam * abs(merged[j] - row[j]))
-    for j in range(stop - start):
+    for j in range(size):
         out[j] = merged[j] * np.float32(votes[j] >= agree)
 
 
 @njit(parallel=True, cache=True)
-def _consensus(tv, merged, lam, agree, out):
-    n = tv.shape[1]
+def _consensus(addresses, n, merged, lam, agree, out):
     for chunk in prange((n + CHUNK - 1) // CHUNK):
         start = chunk * CHUNK
         stop = min(n, start + CHUNK)
-        _consensus_chunk(tv, start, stop, merged[start:stop], lam, agree, out[start:stop])
+        tv = np.empty((addresses.shape[0], CHUNK), dtype=np.float32)
+        _load(addresses, n, start, stop, False, addresses, np.uint64(0), np.float32(0.0), tv)
+        _consensus_chunk(tv, stop - start, merged[start:stop], lam, agree, out[start:stop])
 
 
 def consensus(
-    task_vectors: Tensor, merged: Tensor, lam: float, agree: int, out: Tensor | None = None
+    task_vectors: TaskRows, merged: Tensor, lam: float, agree: int, out: Tensor | None = None
 ) -> Tensor:
     """τ_MTL ⊙ 1{#{t : |τ_t| > λ|τ_MTL − τ_t|} ≥ agree} of one block: the fused form of
     ``merged * consensus_mask(tall_masks(τ, merged, λ), agree)``. Into ``out`` (float32,
@@ -432,7 +479,8 @@ def consensus(
     _threads()
     out = torch.empty(merged.shape) if out is None else out
     flat = merged.float().contiguous().reshape(-1).numpy()
-    _consensus(_array(task_vectors), flat, np.float32(lam), agree, out.view(-1).numpy())
+    addresses, n, _alive = _addresses(task_vectors)
+    _consensus(addresses, n, flat, np.float32(lam), agree, out.view(-1).numpy())
     return out
 
 
@@ -502,8 +550,8 @@ def _bounds(bits, start, stop, sample, kept):
 
 
 @njit(parallel=True, cache=True)
-def _band_sum(tv, bits, start, stop, out, repeats):
-    tasks, count, cols = tv.shape
+def _band_sum(addresses, count, cols, start, stop, out, repeats):
+    tasks = addresses.shape[0]
     for group in prange((count + ROWS - 1) // ROWS):
         sample = np.empty(cols // STRIDE + LANES, dtype=np.int32)
         kept = np.empty(cols + LANES, dtype=np.int32)
@@ -512,8 +560,9 @@ def _band_sum(tv, bits, start, stop, out, repeats):
             total[:] = 0.0
             repeated = False
             for t in range(tasks):
-                row = tv[t, r]
-                row_bits = bits[t, r]
+                row = _task(addresses, t, count * cols)[r * cols : (r + 1) * cols]
+                bits = numba.carray(_bits_at(addresses[t]), count * cols)
+                row_bits = bits[r * cols : (r + 1) * cols]
                 lower, upper = _bounds(row_bits, start, stop, sample, kept)
                 above = 0
                 atleast = 0
@@ -530,18 +579,19 @@ def _band_sum(tv, bits, start, stop, out, repeats):
 
 
 def band_sum(
-    task_vectors: Tensor, start: int, stop: int, out: Tensor | None = None
+    task_vectors: TaskRows, start: int, stop: int, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Σ_t τ_t ⊙ band_t, where per row (last dimension) and task the band holds the |τ|
     between the stop-th and the (start+1)-th largest: Breadcrumbs' merge wherever those
-    bounds are not repeated. ``task_vectors`` is ``[T, ..., cols]``; returns the sum
-    ``[..., cols]`` and, per row, whether a task repeats a non-zero bound across the band's
-    edge (those rows need the position rule). Needs 0 ≤ start < stop ≤ cols. The sum goes
-    into ``out`` (float32, C-contiguous, shape ``[..., cols]``) if given."""
+    bounds are not repeated. ``task_vectors`` are T tensors ``[..., cols]`` (or stacked);
+    returns the sum ``[..., cols]`` and, per row, whether a task repeats a non-zero bound
+    across the band's edge (those rows need the position rule). Needs 0 ≤ start < stop ≤
+    cols. The sum goes into ``out`` (float32, C-contiguous, shape ``[..., cols]``) if given."""
     _threads()
-    shape = task_vectors.shape
-    tv = task_vectors.detach().float().contiguous().reshape(shape[0], -1, shape[-1]).numpy()
-    out = torch.empty(shape[1:]) if out is None else out
-    repeats = np.empty(tv.shape[1], dtype=np.bool_)
-    _band_sum(tv, tv.view(np.int32), start, stop, out.view(-1, shape[-1]).numpy(), repeats)
-    return out, torch.from_numpy(repeats).view(shape[1:-1])
+    addresses, n, alive = _addresses(task_vectors)
+    shape = alive[0].shape
+    cols = shape[-1]
+    out = torch.empty(shape) if out is None else out
+    repeats = np.empty(n // cols if cols else 0, dtype=np.bool_)
+    _band_sum(addresses, n // cols, cols, start, stop, out.view(-1, cols).numpy(), repeats)
+    return out, torch.from_numpy(repeats).view(shape[:-1])
