@@ -124,6 +124,12 @@ class MergeMethod:
     """True if the merge of a block of leading-dimension rows needs only those rows (their
     base, task vectors, statistics, and ``prepare``'s state): the loop then streams cache-
     sized blocks (:mod:`atmbench.streaming`). Tensors of fewer than 2 dimensions come whole."""
+    stacked: bool = True
+    """False if a ``rowwise`` merge takes a block's task vectors as T separate float32
+    tensors (views of each task's own, possibly memory-mapped, tensor) instead of one
+    stacked ``[T, ...]`` tensor: the loop then skips the stacked copy, which is most of an
+    elementwise merge's memory traffic. Such a merge must take a stacked tensor too
+    (iterating it gives the T tensors), as :mod:`atmbench.kernels` does."""
     aliases: tuple[str, ...] = ()
     """Other names a spec may use (``consensus`` for ``consensus_ta``); rows use ``name``."""
     version: str = "1"
@@ -211,6 +217,16 @@ class FileTaskVectors:
         if tensor is None:
             tensor = self._tensors[task, key] = self._handles[task].get_tensor(key)
         return tensor
+
+
+def sum_tasks(task_vectors: Tensor | Sequence[Tensor], out: Tensor) -> Tensor:
+    """Σ_t τ_t into ``out``, in task order: the same float32 sums whether a block comes
+    stacked or as T tensors (``torch.sum`` over a stacked dimension may pair the terms
+    differently, depending on the shape)."""
+    out.copy_(task_vectors[0])
+    for task_vector in task_vectors[1:]:
+        out += task_vector
+    return out
 
 
 def check_keys(base: Mapping[str, Tensor], vectors: TaskVectors) -> None:

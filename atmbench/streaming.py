@@ -19,7 +19,7 @@ methods' tensor code does not change.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -71,11 +71,19 @@ def _per_task(vectors: TaskVectors, key: str) -> list[Tensor]:
     return same_shape(key, tuple(vectors.tasks), [vectors.get(t, key) for t in vectors.tasks])
 
 
-def _check_finite(vectors: TaskVectors, key: str, stacked: Tensor) -> None:
-    # One reduction (NaN and inf propagate into the sum) instead of a boolean copy of the
-    # stack; only a non-finite sum pays for finding the culprit tasks.
-    if vectors.unchecked and not torch.isfinite(stacked.sum()):
-        bad = [t for t, v in zip(vectors.tasks, stacked, strict=True) if not v.isfinite().all()]
+def _as_float32(scratch: Scratch, tensors: list[Tensor]) -> list[Tensor]:
+    """T tensors as float32: as they are, or converted into ``scratch`` buffers."""
+    return [
+        t if t.dtype == torch.float32 else scratch.empty(f"task{i}", t.shape).copy_(t)
+        for i, t in enumerate(tensors)
+    ]
+
+
+def _check_finite(vectors: TaskVectors, key: str, block: Sequence[Tensor]) -> None:
+    # One reduction per task (NaN and inf propagate into the sum) instead of a boolean copy;
+    # only a non-finite sum pays for finding the culprit tasks.
+    if vectors.unchecked and not all(bool(torch.isfinite(v.sum())) for v in block):
+        bad = [t for t, v in zip(vectors.tasks, block, strict=True) if not v.isfinite().all()]
         raise MergeInputError(f"parameter {key!r} of task(s) {bad} holds NaN or inf values")
 
 
@@ -86,12 +94,15 @@ def blocks(
     state: Any = None,
     stats: Mapping[str, Tensor] | None = None,
     scratch: Scratch | None = None,
-) -> Iterator[tuple[Rows, TensorContext, Tensor]]:
-    """Yield ``(rows, ctx, stacked)`` for the row blocks of parameter ``key``.
+    stacked: bool = True,
+) -> Iterator[tuple[Rows, TensorContext, Tensor | list[Tensor]]]:
+    """Yield ``(rows, ctx, task_vectors)`` for the row blocks of parameter ``key``.
 
-    ``stacked`` is float32 ``[T, rows, ...]`` in a buffer of ``scratch`` (pass one per pass
-    over the model; it is also the blocks' ``ctx.scratch``), which the next block
-    overwrites: use it, or copy what must outlive the block.
+    ``task_vectors`` is float32 ``[T, rows, ...]`` in a buffer of ``scratch`` (pass one per
+    pass over the model; it is also the blocks' ``ctx.scratch``), which the next block
+    overwrites: use it, or copy what must outlive the block. With ``stacked=False`` it is
+    instead T float32 tensors ``[rows, ...]``: views of the tasks' own tensors (or, for
+    other dtypes, converted copies in ``scratch``), never to be written.
     Each block's ``ctx.offset`` places it in the parameter, so its random draws
     (:meth:`TensorContext.uniform`) are the same however the parameter is split. ``stats``
     are the parameter's statistics stacked over tasks ``[T, ...]``; each block sees its rows.
@@ -100,12 +111,13 @@ def blocks(
     scratch = scratch or Scratch()
     row_size = math.prod(tensors[0].shape[1:])
     for rows in row_blocks(tensors[0].shape):
-        stacked = _stack(scratch, [t[rows] for t in tensors])
-        _check_finite(vectors, key, stacked)
+        views = [t[rows] for t in tensors]
+        block = _stack(scratch, views) if stacked else _as_float32(scratch, views)
+        _check_finite(vectors, key, block)
         block_stats = {n: s[:, rows] for n, s in (stats or {}).items()}
         offset = rows.start * row_size if isinstance(rows, slice) else 0
         ctx = TensorContext(key, tuple(vectors.tasks), seed, state, block_stats, offset, scratch)
-        yield rows, ctx, stacked
+        yield rows, ctx, block
 
 
 def floating_keys(vectors: TaskVectors) -> list[str]:
@@ -144,12 +156,15 @@ def _merge_rowwise(
     scratch: Scratch,
 ) -> Tensor:
     out = torch.empty(base.shape)
-    for rows, ctx, stacked in blocks(vectors, key, seed, state, stats, scratch):
-        delta = method.merge(base[rows].float(), stacked, ctx, **hparams)
-        if delta.shape != stacked.shape[1:]:
+    for rows, ctx, task_vectors in blocks(
+        vectors, key, seed, state, stats, scratch, method.stacked
+    ):
+        expected = base[rows].shape
+        delta = method.merge(base[rows].float(), task_vectors, ctx, **hparams)
+        if delta.shape != expected:
             raise MergeInputError(
                 f"method {method.name!r} returned shape {tuple(delta.shape)} for rows of "
-                f"{key!r}, expected {tuple(stacked.shape[1:])}"
+                f"{key!r}, expected {tuple(expected)}"
             )
         out[rows] = delta
     return out

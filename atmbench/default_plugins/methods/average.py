@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
+
 from torch import Tensor
 
 from atmbench.hookspecs import hookimpl
-from atmbench.method import MergeMethod, TensorContext
+from atmbench.method import MergeMethod, TensorContext, sum_tasks
 
 
-def average(base: Tensor, task_vectors: Tensor, ctx: TensorContext) -> Tensor:
-    return torch.mean(task_vectors, 0, out=ctx.scratch.empty("mean", task_vectors.shape[1:]))
+def average(base: Tensor, task_vectors: Sequence[Tensor], ctx: TensorContext) -> Tensor:
+    total = sum_tasks(task_vectors, ctx.scratch.empty("mean", task_vectors[0].shape))
+    return total.div_(len(task_vectors))
 
 
 @hookimpl
@@ -21,6 +23,8 @@ def register_methods(register):
             merge=average,
             data="none",
             rowwise=True,
+            stacked=False,
+            version="2",
             description="Weight averaging (model soup of the experts)",
         )
     )

@@ -45,7 +45,7 @@ OUTLIERS = HParam(
 def breadcrumbs(
     base: Tensor, task_vectors: Tensor, ctx: TensorContext, keep: float, outliers: float
 ) -> Tensor:
-    out = ctx.scratch.empty("band", task_vectors.shape[1:])
+    out = ctx.scratch.empty("band", task_vectors[0].shape)
     return breadcrumbs_sum(task_vectors, keep, outliers, out)
 
 
@@ -57,6 +57,7 @@ def register_methods(register):
             merge=breadcrumbs,
             data="none",
             rowwise=True,
+            stacked=False,
             hparams=(KEEP, OUTLIERS),
             scale=ta.LAMBDA,
             description="Model Breadcrumbs: middle magnitude band per row, then Task Arithmetic",

@@ -23,9 +23,9 @@ Decisions, from the official code (nik-dim/tall_masks ``aggregation.py`` and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
-import torch
 from torch import Tensor
 
 from atmbench import kernels
@@ -39,7 +39,7 @@ from atmbench.default_plugins.methods.masking import (
 )
 from atmbench.hookspecs import hookimpl
 from atmbench.hparams import HParam
-from atmbench.method import MergeMethod, TaskVectors, TensorContext
+from atmbench.method import MergeMethod, TaskVectors, TensorContext, sum_tasks
 
 MASK_LAMBDA = HParam(
     "mask_lam",
@@ -68,9 +68,9 @@ def consensus(
 
 
 def consensus_ta(
-    base: Tensor, task_vectors: Tensor, ctx: TensorContext, mask_lam: float, agree: int
+    base: Tensor, task_vectors: Sequence[Tensor], ctx: TensorContext, mask_lam: float, agree: int
 ) -> Tensor:
-    merged = torch.sum(task_vectors, 0, out=ctx.scratch.empty("sum", task_vectors.shape[1:]))
+    merged = sum_tasks(task_vectors, ctx.scratch.empty("sum", task_vectors[0].shape))
     return consensus(merged, task_vectors, ctx, mask_lam, agree)
 
 
@@ -98,6 +98,8 @@ def register_methods(register):
             merge=consensus_ta,
             data="none",
             rowwise=True,
+            stacked=False,
+            version="2",
             hparams=(MASK_LAMBDA, AGREE),
             scale=ta.LAMBDA,
             aliases=("consensus",),
@@ -110,6 +112,7 @@ def register_methods(register):
             merge=consensus_ties,
             data="none",
             rowwise=True,
+            stacked=False,
             hparams=(MASK_LAMBDA, AGREE, ties_k(search=()), TIES_MERGE),
             scale=ta.LAMBDA,
             prepare=prepare_ties,

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from atmbench import kernels
 from atmbench.hparams import HParam
-from atmbench.method import Scratch, TaskVectors, TensorContext
+from atmbench.method import Scratch, TaskVectors, TensorContext, sum_tasks
 from atmbench.streaming import floating_keys
 
 Transform = Callable[[Tensor, TensorContext], Tensor]
@@ -284,7 +284,7 @@ def ties_merge(
     """
     state: TiesState = ctx.state
     mean = merge == "mean"
-    out = ctx.scratch.empty("ties", task_vectors.shape[1:])
+    out = ctx.scratch.empty("ties", task_vectors[0].shape)
     seeds = [ctx.task_seed(t) for t in range(len(task_vectors))]
     dropping = (seeds, ctx.offset, drop.p) if drop else None
 
@@ -332,7 +332,7 @@ def dare(task_vectors: Tensor, ctx: TensorContext, p: float) -> Tensor:
     """``dare_rescale(τ, dare_keep_masks(τ, ctx, p), p)``, fused (:func:`atmbench.kernels.dare`),
     in a ``ctx.scratch`` buffer: valid until the next block."""
     seeds = [ctx.task_seed(t) for t in range(len(task_vectors))]
-    out = ctx.scratch.empty("dare", task_vectors.shape)
+    out = ctx.scratch.empty("dare", (len(task_vectors), *task_vectors[0].shape))
     return kernels.dare(task_vectors, seeds, ctx.offset, p, out)
 
 
@@ -398,15 +398,16 @@ def breadcrumbs_sum(
     the position rule, and only those pay for :func:`middle_band`'s sort. Into ``out`` if
     given.
     """
-    if task_vectors.dim() == 1:  # 0-D parameters: kept whole
-        return task_vectors.sum(0)
-    cols = task_vectors.shape[-1]
+    shape = task_vectors[0].shape
+    if not shape:  # 0-D parameters: kept whole
+        return sum_tasks(task_vectors, torch.empty(()))
+    cols = shape[-1]
     start, stop = band_limits(cols, keep, outliers)
     if stop <= start:
-        return torch.zeros(task_vectors.shape[1:])
+        return torch.zeros(shape)
     total, repeats = kernels.band_sum(task_vectors, start, stop, out)
     repeated = repeats.reshape(-1)
     if bool(repeated.any()):
-        rows = task_vectors.float().reshape(len(task_vectors), -1, cols)[:, repeated]
+        rows = torch.stack([tv.float().reshape(-1, cols)[repeated] for tv in task_vectors])
         total.view(-1, cols)[repeated] = (rows * middle_band(rows, keep, outliers)).sum(0)
     return total

@@ -6,12 +6,13 @@ fixes λ = 0.3 (``ta:lam=0.3`` reproduces that).
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
+
 from torch import Tensor
 
 from atmbench.hookspecs import hookimpl
 from atmbench.hparams import HParam
-from atmbench.method import MergeMethod, TensorContext
+from atmbench.method import MergeMethod, TensorContext, sum_tasks
 
 LAMBDA = HParam(
     "lam",
@@ -22,8 +23,8 @@ LAMBDA = HParam(
 )
 
 
-def task_arithmetic(base: Tensor, task_vectors: Tensor, ctx: TensorContext) -> Tensor:
-    return torch.sum(task_vectors, 0, out=ctx.scratch.empty("sum", task_vectors.shape[1:]))
+def task_arithmetic(base: Tensor, task_vectors: Sequence[Tensor], ctx: TensorContext) -> Tensor:
+    return sum_tasks(task_vectors, ctx.scratch.empty("sum", task_vectors[0].shape))
 
 
 @hookimpl
@@ -34,6 +35,8 @@ def register_methods(register):
             merge=task_arithmetic,
             data="none",
             rowwise=True,
+            stacked=False,
+            version="2",
             scale=LAMBDA,
             description="Task Arithmetic: sum of task vectors scaled by λ",
         )

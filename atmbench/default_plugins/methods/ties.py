@@ -57,6 +57,7 @@ def register_methods(register):
             merge=ties,
             data="none",
             rowwise=True,
+            stacked=False,
             hparams=(K, MERGE),
             scale=LAMBDA,
             prepare=prepare,
