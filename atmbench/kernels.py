@@ -497,6 +497,10 @@ vectorized loop step) with values below the search: a remainder would run scalar
 STRIDE = 8
 """One entry in STRIDE is sampled to guess a row's lower band bound."""
 
+MARGIN = np.int32(1 << 20)
+"""The next row's floor is this much below a row's lower band bound, in float32 bits: a
+factor of 2^-(2^20 / 2^23) ≈ 0.917 in magnitude."""
+
 
 @njit(inline="always")
 def _pad(values, size):
@@ -508,20 +512,35 @@ def _pad(values, size):
 
 
 @njit(inline="always")
-def _bounds(bits, start, stop, sample, kept):
+def _compact_at_least(bits, floor, kept):
+    """Write the magnitude bits ≥ ``floor`` of a row to ``kept``; return how many."""
+    filled = 0
+    for j in range(bits.shape[0]):
+        v = bits[j] & _MAGNITUDE
+        kept[filled] = v
+        filled += np.int64(v >= floor)
+    return filled
+
+
+@njit(inline="always")
+def _bounds(bits, start, stop, guess, sample, kept):
     """The stop-th and the (start+1)-th largest |x| of a row given as float32 bits: the
     band's lower and upper bound, as magnitude bits.
 
-    A strided sample guesses a magnitude a little below the stop-th largest; one pass keeps
-    the entries at least that large (a few times ``stop`` of them) and the two selections
-    run on those alone. A guess that keeps fewer than ``stop`` entries falls back to the row.
+    One pass keeps the entries at least as large as a floor a little below the stop-th
+    largest (a few times ``stop`` of them), and the two selections run on those alone.
+    The floor is ``guess`` (from the previous row of the same tensor: rows of a weight
+    matrix have alike magnitudes) if it is positive, else a strided sample's guess; a floor
+    that keeps fewer than ``stop`` entries is retried from the sample, then from the row.
     """
     cols = bits.shape[0]
+    filled = 0
+    floor = np.int32(guess)
+    if floor > 0:
+        filled = _compact_at_least(bits, floor, kept)
     size = cols // STRIDE
-    filled = cols
-    floor = np.int32(0)
-    top = np.int32(0)
-    if size >= 16 and stop * 4 <= cols:
+    if filled < stop and size >= 16 and stop * 4 <= cols:
+        top = np.int32(0)
         for i in range(size):
             sample[i] = bits[i * STRIDE] & _MAGNITUDE
             top = max(top, sample[i])
@@ -529,17 +548,10 @@ def _bounds(bits, start, stop, sample, kept):
         rank = int(expected + 3.0 * np.sqrt(expected) + 2.0)
         if rank < size:
             floor = _kth_largest(sample, _pad(sample, size), size, rank, 0, top + 1)
-            filled = 0
-            for j in range(cols):
-                v = bits[j] & _MAGNITUDE
-                kept[filled] = v
-                filled += np.int64(v >= floor)
-            if filled < stop:
-                filled = cols
-                floor = np.int32(0)
-    if filled == cols:
-        for j in range(cols):
-            kept[j] = bits[j] & _MAGNITUDE
+            filled = _compact_at_least(bits, floor, kept)
+    if filled < stop:
+        filled = _compact_at_least(bits, np.int32(0), kept)
+        floor = np.int32(0)
     padded = _pad(kept, filled)
     top = np.int32(0)
     for j in range(padded):
@@ -555,6 +567,7 @@ def _band_sum(addresses, count, cols, start, stop, out, repeats):
     for group in prange((count + ROWS - 1) // ROWS):
         sample = np.empty(cols // STRIDE + LANES, dtype=np.int32)
         kept = np.empty(cols + LANES, dtype=np.int32)
+        guesses = np.zeros(tasks, dtype=np.int32)
         for r in range(group * ROWS, min(count, (group + 1) * ROWS)):
             total = out[r]
             total[:] = 0.0
@@ -563,7 +576,8 @@ def _band_sum(addresses, count, cols, start, stop, out, repeats):
                 row = _task(addresses, t, count * cols)[r * cols : (r + 1) * cols]
                 bits = numba.carray(_bits_at(addresses[t]), count * cols)
                 row_bits = bits[r * cols : (r + 1) * cols]
-                lower, upper = _bounds(row_bits, start, stop, sample, kept)
+                lower, upper = _bounds(row_bits, start, stop, guesses[t], sample, kept)
+                guesses[t] = max(lower - MARGIN, 0)
                 above = 0
                 atleast = 0
                 for j in range(cols):
