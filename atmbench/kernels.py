@@ -234,20 +234,25 @@ def _ties(
 ):
     tasks = addresses.shape[0]
     fallback = np.float32(1.0) if majority > 0 else np.float32(-1.0)
+    survivors = np.float32(1.0) - p
     votes = 0.0
     undecided = 0.0
     for chunk in prange((n + CHUNK - 1) // CHUNK):
         start = chunk * CHUNK
         stop = min(n, start + CHUNK)
         size = stop - start
-        tv = np.empty((tasks, CHUNK), dtype=np.float32)
-        _load(addresses, n, start, stop, drop, seeds, offset, p, tv)
+        tv = np.empty((tasks, CHUNK), dtype=np.float32)  # the chunk, loaded once into L1
         total = np.zeros(size, dtype=np.float32)
         for t in range(tasks):
-            threshold = thresholds[t]
             row = tv[t, :size]
+            source = _task(addresses, t, n)[start:stop]
+            if drop:  # DARE-TIES: the chunk's dropped vectors, drawn here
+                _dropped(source, seeds[t], offset + np.uint64(start), p, survivors, row)
+                source = row
+            threshold = thresholds[t]
             for j in range(size):
-                v = row[j]
+                v = source[j]
+                row[j] = v
                 total[j] += v * np.float32(abs(v) >= threshold)
         # Elected direction: sign of the sum, the majority where it is 0; a 0 majority
         # keeps the negative entries (the official where(γ > 0, τ̂ > 0, τ̂ < 0)).
