@@ -186,6 +186,19 @@ def test_both_threshold_selections_agree_on_a_transform():
     assert torch.equal(radix_thresholds(InMemoryTaskVectors(vectors), 0.2, 3, dropped), got)
 
 
+def test_thresholds_over_a_transform_that_drops_parameters():
+    """A transform may return fewer entries (atmbench-doge counts matrices only)."""
+    _, vectors = _model(seed=6)
+
+    def matrices(tv, ctx):
+        return tv if tv.dim() > 2 else tv.new_zeros(len(tv), 0)
+
+    got = global_thresholds(InMemoryTaskVectors(vectors), 0.2, 0, matrices)
+    only = {t: {k: v for k, v in tv.items() if v.dim() > 1} for t, tv in vectors.items()}
+    assert got.tolist() == _exact(only, 0.2)
+    assert torch.equal(radix_thresholds(InMemoryTaskVectors(vectors), 0.2, 0, matrices), got)
+
+
 def test_a_missed_bracket_falls_back_to_the_radix_selection(monkeypatch):
     _, vectors = _model(seed=9)
     calls = []

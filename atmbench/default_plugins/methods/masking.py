@@ -98,22 +98,21 @@ def _sample(vectors: TaskVectors, seed: int, transform: Transform | None) -> Ten
     straight into one buffer: stacking and concatenating the pieces cost ~0.1 s a merge.
     """
     tasks = len(vectors.tasks)
-    pieces = []
+    pieces = []  # per parameter, T tensors: the sampled rows (or their transform)
     for key in floating_keys(vectors):
         first = vectors.get(vectors.tasks[0], key)
         rows = slice(None, None, SAMPLE_STRIDE) if first.dim() > 1 else ...
-        pieces.append((key, rows, first[rows].numel()))
-    every = torch.empty(tasks, sum(count for *_, count in pieces))
-    start = 0
-    for key, rows, count in pieces:
-        target = every[:, start : start + count]
         views = [vectors.get(task, key)[rows] for task in vectors.tasks]
         if transform:
             ctx = TensorContext(key, tuple(vectors.tasks), seed)
-            target.copy_(transform(torch.stack(views).float(), ctx).reshape(tasks, -1))
-        else:
-            for row, view in zip(target, views, strict=True):
-                row.view(view.shape).copy_(view)
+            views = transform(torch.stack(views).float(), ctx).reshape(tasks, -1)
+        pieces.append(views)
+    every = torch.empty(tasks, sum(piece[0].numel() for piece in pieces))
+    start = 0
+    for piece in pieces:
+        count = piece[0].numel()
+        for row, values in zip(every[:, start : start + count], piece, strict=True):
+            row.view(values.shape).copy_(values)
         start += count
     return every.abs_()[:, :: max(1, every.shape[1] // SAMPLE)]
 
