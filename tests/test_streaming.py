@@ -32,6 +32,7 @@ from atmbench.method import (
     Scratch,
     TensorContext,
     combine,
+    sum_tasks,
 )
 from atmbench.streaming import BLOCK, merged_task_vector, row_blocks
 
@@ -79,9 +80,32 @@ def test_blocks_read_bf16_files_and_results_never_alias_the_buffer(tmp_path):
         files[task] = tmp_path / f"{task}.safetensors"
         save_file({k: v.bfloat16().contiguous() for k, v in tv.items()}, str(files[task]))
     first = MergeMethod("first", lambda b, tv, ctx: tv[0], data="none", rowwise=True)
-    got = merged_task_vector(first, base, FileTaskVectors(files), {})
-    for key in base:
-        assert torch.equal(got[key], vectors["t0"][key].bfloat16().float())
+    unstacked = replace(first, name="unstacked", stacked=False)
+    for method in (first, unstacked):
+        got = merged_task_vector(method, base, FileTaskVectors(files), {})
+        for key in base:
+            assert torch.equal(got[key], vectors["t0"][key].bfloat16().float())
+
+
+def test_unstacked_methods_get_each_tasks_rows_and_match_the_stacked_merge():
+    base, vectors = _model(tasks=3)
+    seen = []
+
+    def total(b, task_vectors, ctx):
+        seen.append(type(task_vectors))
+        assert len(task_vectors) == 3 and task_vectors[0].shape == b.shape
+        assert all(tv.dtype == torch.float32 for tv in task_vectors)
+        return sum_tasks(task_vectors, torch.empty(b.shape))
+
+    stacked = MergeMethod("total", total, data="none", rowwise=True)
+    unstacked = replace(stacked, stacked=False)
+    got = merged_task_vector(unstacked, base, InMemoryTaskVectors(vectors), {})
+    assert seen and all(kind is list for kind in seen)
+    want = merged_task_vector(stacked, base, InMemoryTaskVectors(vectors), {})
+    assert all(torch.equal(got[k], want[k]) for k in base)
+    vectors["t1"]["big"][3, 7] = float("nan")  # unstacked blocks are checked too
+    with pytest.raises(MergeInputError, match=r"'big' of task\(s\) \['t1'\]"):
+        merged_task_vector(unstacked, base, InMemoryTaskVectors(vectors), {})
 
 
 @pytest.mark.parametrize("name", ["ties", "dare_ties"])
