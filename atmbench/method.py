@@ -65,6 +65,16 @@ class TensorContext:
     scratch: Scratch = field(default_factory=Scratch)
     """Buffers for the block's temporaries, reused by the next block: the block's result may
     live there (the loop copies it at once), nothing the method keeps may."""
+    out: Tensor | None = None
+    """Where a rowwise loop stores this block's result: see :meth:`result`."""
+
+    def result(self, name: str, shape: Sequence[int]) -> Tensor:
+        """A float32 buffer for the block's result: the loop's own output (returned as is,
+        it is not copied again: one pass less over a model's worth of memory) if there is
+        one of this shape, else scratch buffer ``name``."""
+        if self.out is not None and tuple(self.out.shape) == tuple(shape):
+            return self.out
+        return self.scratch.empty(name, shape)
 
     def generator(self, task_index: int = 0) -> torch.Generator:
         """A generator seeded by (seed, parameter, task): masks don't depend on order.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -159,14 +160,16 @@ def _merge_rowwise(
     for rows, ctx, task_vectors in blocks(
         vectors, key, seed, state, stats, scratch, method.stacked
     ):
-        expected = base[rows].shape
+        target = out[rows]
+        ctx = replace(ctx, out=target)
         delta = method.merge(base[rows].float(), task_vectors, ctx, **hparams)
-        if delta.shape != expected:
+        if delta.shape != target.shape:
             raise MergeInputError(
                 f"method {method.name!r} returned shape {tuple(delta.shape)} for rows of "
-                f"{key!r}, expected {tuple(expected)}"
+                f"{key!r}, expected {tuple(target.shape)}"
             )
-        out[rows] = delta
+        if delta.data_ptr() != target.data_ptr():
+            target.copy_(delta)
     return out
 
 

@@ -11,7 +11,7 @@ from atmbench.method import MergeMethod, TensorContext, sum_tasks
 
 
 def average(base: Tensor, task_vectors: Sequence[Tensor], ctx: TensorContext) -> Tensor:
-    total = sum_tasks(task_vectors, ctx.scratch.empty("mean", task_vectors[0].shape))
+    total = sum_tasks(task_vectors, ctx.result("mean", task_vectors[0].shape))
     return total.div_(len(task_vectors))
 
 

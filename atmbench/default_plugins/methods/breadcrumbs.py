@@ -45,7 +45,7 @@ OUTLIERS = HParam(
 def breadcrumbs(
     base: Tensor, task_vectors: Tensor, ctx: TensorContext, keep: float, outliers: float
 ) -> Tensor:
-    out = ctx.scratch.empty("band", task_vectors[0].shape)
+    out = ctx.result("band", task_vectors[0].shape)
     return breadcrumbs_sum(task_vectors, keep, outliers, out)
 
 

@@ -63,7 +63,7 @@ def consensus(
 ) -> Tensor:
     """τ_MTL ⊙ 1{Σ_t m_t ≥ agree}: ``merged * consensus_mask(tall_masks(...), agree)``, fused
     (:func:`atmbench.kernels.consensus`), in a ``ctx.scratch`` buffer."""
-    out = ctx.scratch.empty("consensus", merged.shape)
+    out = ctx.result("consensus", merged.shape)
     return kernels.consensus(task_vectors, merged, mask_lam, agree, out)
 
 

@@ -22,6 +22,7 @@ Decisions:
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from atmbench.default_plugins.methods import ta, ties
@@ -50,7 +51,8 @@ P = HParam(
 
 
 def dare_ta(base: Tensor, task_vectors: Tensor, ctx: TensorContext, p: float) -> Tensor:
-    return dare(task_vectors, ctx, p).sum(0)
+    dropped = dare(task_vectors, ctx, p)
+    return torch.sum(dropped, 0, out=ctx.result("sum", dropped.shape[1:]))
 
 
 def prepare_ties(vectors: TaskVectors, seed: int, p: float, k: float, **_: object):

@@ -292,7 +292,7 @@ def ties_merge(
     """
     state: TiesState = ctx.state
     mean = merge == "mean"
-    out = ctx.scratch.empty("ties", task_vectors[0].shape)
+    out = ctx.result("ties", task_vectors[0].shape)
     seeds = [ctx.task_seed(t) for t in range(len(task_vectors))]
     dropping = (seeds, ctx.offset, drop.p) if drop else None
 

@@ -24,7 +24,7 @@ LAMBDA = HParam(
 
 
 def task_arithmetic(base: Tensor, task_vectors: Sequence[Tensor], ctx: TensorContext) -> Tensor:
-    return sum_tasks(task_vectors, ctx.scratch.empty("sum", task_vectors[0].shape))
+    return sum_tasks(task_vectors, ctx.result("sum", task_vectors[0].shape))
 
 
 @hookimpl
