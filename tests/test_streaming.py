@@ -286,25 +286,6 @@ def test_kernels_draw_the_dare_drop_themselves():
     assert counts[0][:2] == counts[1][:2] and torch.equal(counts[0][2], counts[1][2])
 
 
-def test_dare_ties_draws_block_by_block_as_dare_does(monkeypatch):
-    """Row blocks at odd offsets: the kernel's drop is the same stream as dare()'s."""
-    gen = torch.Generator().manual_seed(12)
-    shapes = {"w": (40, 333), "b": (333,)}
-    base = {k: torch.zeros(s) for k, s in shapes.items()}
-    vectors = {t: {k: torch.randn(s, generator=gen) for k, s in shapes.items()} for t in "abc"}
-    stacked = {k: torch.stack([vectors[t][k] for t in "abc"]) for k in shapes}
-    drops = {k: dare(tv, TensorContext(k, ("a", "b", "c")), 0.5) for k, tv in stacked.items()}
-    dropped = {t: {k: drops[k][i].clone() for k in shapes} for i, t in enumerate("abc")}
-    monkeypatch.setattr("atmbench.streaming.BLOCK", 1000)  # three rows of 333 per block
-    methods = registry.methods()
-    hp = {"k": 0.2, "merge": "mean"}
-    got = merged_task_vector(
-        methods["dare_ties"], base, InMemoryTaskVectors(vectors), dict(hp, p=0.5)
-    )
-    want = merged_task_vector(methods["ties"], base, InMemoryTaskVectors(dropped), hp)
-    assert all(torch.equal(got[k], want[k]) for k in shapes)
-
-
 def test_heavy_ties_give_the_exact_threshold():
     gen = torch.Generator().manual_seed(2)
     vectors = {
