@@ -13,7 +13,10 @@ were most of an elementwise merge's time on a CPU: every fresh stack of a large 
 is new memory the kernel must fault in page by page, and every intermediate of a stack
 larger than the cache goes out to RAM and back. Blocks of 1 MiB per task stay in the L3
 cache and reuse the same pages, as do the blocks' temporaries (``ctx.scratch``); the
-methods' tensor code does not change.
+methods' tensor code does not change. Methods that also declare ``stacked=False`` skip the
+stack: they get each task's rows as views of its own (memory-mapped) tensor, which their
+kernels read directly, and they may write the block's result straight into the merged
+tensor (``ctx.out``), so an elementwise merge moves each byte about once.
 """
 
 from __future__ import annotations
