@@ -240,6 +240,17 @@ def test_a_missed_bracket_falls_back_to_the_radix_selection(monkeypatch):
     assert calls and got.tolist() == _exact(vectors, 0.2)
 
 
+def test_kept_parts_longer_than_one_part_are_joined_whole(monkeypatch):
+    """Together the parts keep more values than one part's row holds."""
+    gen = torch.Generator().manual_seed(8)
+    vectors = {t: {"w": torch.randn(400, 1000, generator=gen)} for t in "ab"}
+    monkeypatch.setattr(masking, "CAPACITY", 20_000)  # 5,000 per part, 4 parts
+    monkeypatch.setattr(masking, "SAMPLE_STRIDE", 1)
+    monkeypatch.setattr(masking, "SAMPLE", 100_000)  # a bracket holding ~10,000 values
+    got = global_thresholds(InMemoryTaskVectors(vectors), 0.2)
+    assert got.tolist() == _exact(vectors, 0.2)
+
+
 def test_an_overflowing_bracket_falls_back_to_the_radix_selection(monkeypatch):
     _, vectors = _model(seed=5)
     monkeypatch.setattr(masking, "CAPACITY", 64)  # far fewer than the bracket holds

@@ -167,9 +167,14 @@ def global_thresholds(
     missed = (within < 1) | (within > filled.sum(1)) | (filled > CAPACITY // parts).any(1)
     if bool(missed.any()):
         return radix_thresholds(vectors, k, seed, transform)  # the bracket missed
-    inside = [torch.cat([kept[t, i, : filled[t, i]] for i in range(parts)]) for t in range(tasks)]
-    counts = torch.tensor([len(values) for values in inside])
-    return kernels.kth_smallest(torch.nn.utils.rnn.pad_sequence(inside, True), counts, within)
+    rows = kept.view(tasks, -1)
+    for t in range(tasks):  # each task's parts joined at the front of its row, in place
+        end = int(filled[t, 0])
+        for i in range(1, parts):
+            count = int(filled[t, i])
+            rows[t, end : end + count] = kept[t, i, :count].clone()
+            end += count
+    return kernels.kth_smallest(rows, filled.sum(1), within)
 
 
 def _float_bits(magnitudes: Tensor) -> Tensor:
