@@ -228,6 +228,15 @@ def _load(addresses, n, start, stop, dropping, seeds, offset, p, out):
             out[t, : stop - start] = row
 
 
+@njit(inline="always")
+def _trimmed_sum(source, row, threshold, total):
+    """``row = source`` (a chunk of one task, loaded into L1) and ``total += trim(row)``."""
+    for j in range(row.shape[0]):
+        v = source[j]
+        row[j] = v
+        total[j] += v * np.float32(abs(v) >= threshold)
+
+
 @njit(parallel=True, cache=True)
 def _ties(
     addresses, n, thresholds, majority, mean, out, drop, seeds, offset, p, masking, lam, quorum
@@ -248,12 +257,9 @@ def _ties(
             source = _task(addresses, t, n)[start:stop]
             if drop:  # DARE-TIES: the chunk's dropped vectors, drawn here
                 _dropped(source, seeds[t], offset + np.uint64(start), p, survivors, row)
-                source = row
-            threshold = thresholds[t]
-            for j in range(size):
-                v = source[j]
-                row[j] = v
-                total[j] += v * np.float32(abs(v) >= threshold)
+                _trimmed_sum(row, row, thresholds[t], total)
+            else:
+                _trimmed_sum(source, row, thresholds[t], total)
         # Elected direction: sign of the sum, the majority where it is 0; a 0 majority
         # keeps the negative entries (the official where(γ > 0, τ̂ > 0, τ̂ < 0)).
         direction = np.empty(size, dtype=np.float32)
