@@ -216,16 +216,11 @@ def kth_smallest(magnitudes: Tensor, counts: Tensor, ranks: Tensor) -> Tensor:
 
 
 @njit(inline="always")
-def _load(addresses, n, start, stop, dropping, seeds, offset, p, out):
-    """Entries start … stop of every task into ``out`` ``[T, ≥ size]`` (a chunk-sized
-    buffer the later loops find in L1/L2), dropped as :func:`dare` does if ``dropping``."""
-    survivors = np.float32(1.0) - p
+def _load(addresses, n, start, stop, out):
+    """Entries start … stop of every task into ``out`` ``[T, ≥ size]``: a chunk-sized
+    buffer the later loops find in L1/L2."""
     for t in range(addresses.shape[0]):
-        row = _task(addresses, t, n)[start:stop]
-        if dropping:
-            _dropped(row, seeds[t], offset + np.uint64(start), p, survivors, out[t])
-        else:
-            out[t, : stop - start] = row
+        out[t, : stop - start] = _task(addresses, t, n)[start:stop]
 
 
 @njit(inline="always")
@@ -477,7 +472,7 @@ def _consensus(addresses, n, merged, lam, agree, out):
         start = chunk * CHUNK
         stop = min(n, start + CHUNK)
         tv = np.empty((addresses.shape[0], CHUNK), dtype=np.float32)
-        _load(addresses, n, start, stop, False, addresses, np.uint64(0), np.float32(0.0), tv)
+        _load(addresses, n, start, stop, tv)
         _consensus_chunk(tv, stop - start, merged[start:stop], lam, agree, out[start:stop])
 
 

@@ -62,7 +62,7 @@ def consensus(
     merged: Tensor, task_vectors: Tensor, ctx: TensorContext, mask_lam: float, agree: int
 ) -> Tensor:
     """τ_MTL ⊙ 1{Σ_t m_t ≥ agree}: ``merged * consensus_mask(tall_masks(...), agree)``, fused
-    (:func:`atmbench.kernels.consensus`), in a ``ctx.scratch`` buffer."""
+    (:func:`atmbench.kernels.consensus`), into ``ctx.result``."""
     out = ctx.result("consensus", merged.shape)
     return kernels.consensus(task_vectors, merged, mask_lam, agree, out)
 

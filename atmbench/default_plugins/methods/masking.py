@@ -2,8 +2,9 @@
 
 Pure tensor functions (trim, elect, disjoint merge, DARE drop, TALL/consensus masks, the
 middle band of Breadcrumbs) plus the streaming passes TIES needs for its global view.
-``task_vectors`` are always stacked on a leading task dimension ``[T, ...]``; nothing here
-mutates them (only TIES' state, which counts the sign vote as the blocks are merged).
+``task_vectors`` are stacked on a leading task dimension ``[T, ...]`` (the fused paths also
+take T separate tensors, as ``stacked=False`` methods get them); nothing here mutates them
+(only TIES' state, which counts the sign vote as the blocks are merged).
 
 TIES follows the official code (prateeky2806/ties-merging ``ties_minimal.ipynb``), checked
 against ``tests/data/golden`` (see its RECIPE.md):
@@ -298,8 +299,9 @@ def ties_merge(
     state: TiesState = ctx.state
     mean = merge == "mean"
     out = ctx.result("ties", task_vectors[0].shape)
-    seeds = [ctx.task_seed(t) for t in range(len(task_vectors))]
-    dropping = (seeds, ctx.offset, drop.p) if drop else None
+    dropping = None
+    if drop:  # the seeds are derived (hashed) per block only where masks are drawn
+        dropping = ([ctx.task_seed(t) for t in range(len(task_vectors))], ctx.offset, drop.p)
 
     def fused(majority: float, out: Tensor | None = None) -> tuple[Tensor, int, int]:
         return kernels.ties_merge(
