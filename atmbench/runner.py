@@ -6,6 +6,7 @@ processes; results go to the :class:`~atmbench.store.ResultStore` one cell at a 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 import traceback
@@ -27,8 +28,8 @@ from atmbench.finetune import TrainStats
 from atmbench.method import DATA_ACCESS, MergeMethod, combine
 from atmbench.mtl import ensure_mtl
 from atmbench.provenance import device_name, git_commit, peak_memory_mb, versions
-from atmbench.refiner import RefineRequest
-from atmbench.spec import REFERENCES, Cell, MethodSpec, describe, parse_spec
+from atmbench.refiner import Refiner, RefineRequest, RefineResult
+from atmbench.spec import REFERENCES, Cell, MethodSpec, describe, describe_refiner, parse_spec
 from atmbench.store import CellRecord, ResultStore
 from atmbench.streaming import merged_task_vector
 from atmbench.suite import Benchmark
@@ -79,7 +80,7 @@ def _spec_identity(spec: MethodSpec, methods, refiners) -> dict[str, Any]:
         {
             "name": part.name,
             "version": refiners[part.name].version,
-            "hparams": hp.defaults(refiners[part.name].hparams, part.fixed),
+            "hparams": describe_refiner(refiners[part.name].hparams, part.fixed),
         }
         for part in spec.refiners
     ]
@@ -228,6 +229,34 @@ def select_on_validation(
     return best[1], best[2], True, merge_time
 
 
+def refine_on_validation(
+    bench: Benchmark, refiner: Refiner, fixed: Mapping[str, Any], request: RefineRequest
+) -> tuple[RefineResult, dict[str, Any], TrainStats]:
+    """Refine with every candidate of the refiner's search grid; keep the best mean
+    validation accuracy (the first of equals), as :func:`select_on_validation` does for a
+    method's hyperparameters. ``request.hparams`` is replaced by each candidate.
+
+    Returns (the best result, the values of the searched hyperparameters as stored with the
+    cell: ``{"REFINER.NAME": value}``, empty when nothing was searched, and the compute of
+    every candidate: a search's cost is part of the row's).
+    """
+    combos = hp.grid(refiner.hparams, fixed)
+    spent = TrainStats()
+    best: tuple[float, RefineResult, dict[str, Any]] | None = None
+    for combo in combos:
+        result = refiner.refine(dataclasses.replace(request, hparams=combo))
+        for task_stats in result.stats.values():
+            spent += task_stats
+        if len(combos) == 1:
+            return result, {}, spent
+        mean = fmean(evaluate_state(bench, result.state, "val").values())
+        if best is None or mean > best[0]:
+            best = (mean, result, combo)
+    assert best is not None
+    searched = [h.name for h in refiner.hparams if h.name not in fixed and len(h.search) > 1]
+    return best[1], {f"{refiner.name}.{k}": best[2][k] for k in searched}, spent
+
+
 def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
     spec = cell.spec
     assert isinstance(spec, MethodSpec)
@@ -246,26 +275,30 @@ def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
             bench, method, spec.method.fixed, base, experts.vectors(), cell.seed, data_stats
         )
         access = _max_access(method.data, "validation" if searched else None)
+    method_chosen = dict(chosen)
     for index, part in enumerate(spec.refiners):
         refiner = refiners[part.name]
         from_base = method is None and index == 0
-        result = refiner.refine(
-            RefineRequest(
-                benchmark=bench,
-                base=base,
-                start=state,
-                method=method,
-                method_hparams=chosen,
-                hparams=hp.defaults(refiner.hparams, part.fixed),
-                seed=cell.seed,
-                progress=ws.progress,
-                from_base=from_base,
-            )
+        request = RefineRequest(
+            benchmark=bench,
+            base=base,
+            start=state,
+            method=method,
+            method_hparams=dict(method_chosen),
+            hparams=hp.defaults(refiner.hparams, part.fixed),
+            seed=cell.seed,
+            progress=ws.progress,
+            from_base=from_base,
         )
+        result, refined, spent = refine_on_validation(bench, refiner, part.fixed, request)
         state, trace = result.state, result.trace
-        for task_stats in result.stats.values():
-            stats += task_stats
-        access = _max_access(access, refiner.data_from_base if from_base else refiner.data)
+        stats += spent
+        chosen.update(refined)
+        access = _max_access(
+            access,
+            refiner.data_from_base if from_base else refiner.data,
+            "validation" if refined else None,
+        )
     return Outcome(evaluate_splits(bench, state), chosen, access, stats, trace, merge_time)
 
 

@@ -149,3 +149,16 @@ def describe(declared: Sequence, fixed: Mapping[str, Any]) -> dict[str, Any]:
         h.name: fixed[h.name] if h.name in fixed else list(h.search or (h.default,))
         for h in declared
     }
+
+
+def describe_refiner(declared: Sequence, fixed: Mapping[str, Any]) -> dict[str, Any]:
+    """A refiner's hyperparameters as stored in a cell's identity: the value used, or the
+    searched grid (a list) for a hyperparameter with a search grid that the spec does not pin.
+
+    Unlike :func:`describe`, a hyperparameter without a grid is stored as its bare default,
+    so the keys of cells whose refiners search nothing stay what they always were.
+    """
+    return {
+        h.name: fixed[h.name] if h.name in fixed else (list(h.search) if h.search else h.default)
+        for h in declared
+    }
