@@ -12,6 +12,11 @@ class CosineHead(nn.Module):
     CLIP's zero-shot heads are text embeddings of class names; the offline suite uses
     class prototypes of pretrained features instead. Either way the head is built from
     the pretrained model alone and never sees fine-tuned features.
+
+    Logits are float32 even under autocast: the scale (CLIP's is 100) is applied before
+    the argmax, and bf16 logits are spaced 0.125-0.25 apart in the range that matters, so
+    close top-2 classes would tie or flip. The papers evaluate in fp32; only the encoder
+    runs in bf16 on GPUs.
     """
 
     def __init__(self, class_embeddings: Tensor, scale: float):
@@ -21,8 +26,9 @@ class CosineHead(nn.Module):
         self.scale = float(scale)
 
     def forward(self, features: Tensor) -> Tensor:
-        features = nn.functional.normalize(features.float(), dim=-1)
-        return self.scale * features @ self.weight.T
+        with torch.autocast(features.device.type, enabled=False):
+            features = nn.functional.normalize(features.float(), dim=-1)
+            return self.scale * features @ self.weight.T
 
 
 class Classifier(nn.Module):

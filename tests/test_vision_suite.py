@@ -19,6 +19,7 @@ datasets = pytest.importorskip("datasets")
 open_clip = pytest.importorskip("open_clip")
 
 from atmbench import runner  # noqa: E402
+from atmbench.cache import EntryCache  # noqa: E402
 from atmbench.default_plugins.suites.vision import backbone as bb  # noqa: E402
 from atmbench.default_plugins.suites.vision import data  # noqa: E402
 from atmbench.default_plugins.suites.vision.benchmark import (  # noqa: E402
@@ -29,6 +30,7 @@ from atmbench.default_plugins.suites.vision.classnames import CLASSNAMES  # noqa
 from atmbench.default_plugins.suites.vision.download import download  # noqa: E402
 from atmbench.default_plugins.suites.vision.tasks import SUITES, TASKS  # noqa: E402
 from atmbench.default_plugins.suites.vision.templates import TEMPLATES  # noqa: E402
+from atmbench.default_plugins.suites.vision.zeroshot import head_key  # noqa: E402
 from atmbench.finetune import Recipe  # noqa: E402
 from atmbench.hookspecs import hookimpl  # noqa: E402
 from atmbench.store import ResultStore  # noqa: E402
@@ -138,6 +140,38 @@ def test_model_names():
         bb.create(bb.parse_model("ViT-B-32:nope"), "unused", "vision8")
 
 
+def _towers_activations(model) -> tuple[str, str]:
+    """(image tower, text tower) activation of a built CLIP model."""
+    return bb.activation(model.visual), bb.activation(model.transformer)
+
+
+def test_openai_tags_run_quick_gelu(tmp_path, monkeypatch):
+    """OpenAI's weights were trained with QuickGELU; open_clip >= 2.29 builds NAME with GELU.
+
+    bb.create is the production path; only the weight download is taken out (the wrapper
+    builds the same architecture with random weights), so the test needs no network.
+    """
+    real = open_clip.create_model_and_transforms
+    asked = []
+
+    def without_weights(name, pretrained=None, **kwargs):
+        asked.append((name, pretrained, kwargs.get("force_quick_gelu")))
+        return real(name, pretrained=None, **kwargs)
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", without_weights)
+    openai = bb.create(bb.parse_model("ViT-B-32"), tmp_path, "vision8")
+    assert _towers_activations(openai.model) == ("QuickGELU", "QuickGELU")
+    assert openai.activation == "QuickGELU"
+    mlp = openai.model.visual.transformer.resblocks[0].mlp
+    assert isinstance(mlp.gelu, open_clip.transformer.QuickGELU)
+    laion = bb.create(bb.parse_model("ViT-B-32:laion2b_s34b_b79k"), tmp_path, "vision8")
+    assert _towers_activations(laion.model) == ("GELU", "GELU")  # its config's activation
+    assert asked == [("ViT-B-32", "openai", True), ("ViT-B-32", "laion2b_s34b_b79k", False)]
+    assert not bb.quick_gelu(bb.parse_model("ViT-B-32:random"))
+    # A config that already says QuickGELU keeps it whatever the tag.
+    assert open_clip.get_model_config("ViT-B-32-quickgelu")["quick_gelu"] is True
+
+
 def test_missing_weights_offline_name_the_command(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
@@ -201,6 +235,12 @@ def test_zero_shot_head_is_the_template_average(tmp_path, hub):
     expected = torch.nn.functional.normalize(emb.mean(0), dim=-1)
     head = bench.head("gtsrb")
     torch.testing.assert_close(head.weight[14], expected, atol=1e-5, rtol=1e-5)
+    # The head is cached under the activation the text tower ran with (the tiny config's).
+    assert bench.activation == "QuickGELU"
+    cache = EntryCache(tmp_path / "heads")
+    key = head_key(MODEL, "gtsrb", CLASSNAMES["gtsrb"], "QuickGELU")
+    assert cache.lookup(key) is not None
+    assert cache.lookup(dict(key, activation="GELU")) is None
     assert head.scale == pytest.approx(float(clip.logit_scale.detach().exp()))  # 1 / 0.07
     base = bench.base_state()
     assert set(base) == set(clip.visual.state_dict())

@@ -50,6 +50,34 @@ def parse_model(model: str) -> ModelId:
     return ModelId(name, tag)
 
 
+def quick_gelu(model_id: ModelId) -> bool:
+    """Whether ``model_id``'s weights were trained with QuickGELU (OpenAI's CLIP weights).
+
+    open_clip >= 2.29 records it as ``quick_gelu`` in the pretrained config but builds the
+    plain ``NAME`` with ``nn.GELU`` and only warns; older releases lack the field and load
+    the ``openai`` tag through their OpenAI loader, which uses QuickGELU. Asking both makes
+    every allowed release build the network the weights were trained as.
+    """
+    if model_id.pretrained is None:
+        return False
+    import open_clip
+
+    config = open_clip.get_pretrained_cfg(model_id.name, model_id.pretrained)
+    return bool(config.get("quick_gelu")) or model_id.pretrained.lower() == "openai"
+
+
+def open_clip_options(model_id: ModelId) -> dict[str, Any]:
+    """Keyword arguments to ``open_clip.create_model*`` that make the architecture match the
+    weights; models whose config already says QuickGELU (``NAME-quickgelu``) keep it."""
+    return {"force_quick_gelu": quick_gelu(model_id)}
+
+
+def activation(tower: nn.Module) -> str:
+    """The MLP activation a tower runs (``QuickGELU``, ``GELU``, ...): part of cache keys."""
+    names = sorted({type(m).__name__ for m in tower.modules() if "GELU" in type(m).__name__})
+    return "+".join(names) or "none"
+
+
 def weights_dir(home: Path) -> Path:
     return Path(home) / "open_clip"
 
@@ -67,6 +95,11 @@ class Backbone:
     preprocess_train: Any
     preprocess_eval: Any
     tokenizer: Any
+
+    @property
+    def activation(self) -> str:
+        """The activation of the whole model (both towers): what heads and experts ran."""
+        return activation(self.model)
 
     def visual(self) -> nn.Module:
         """A fresh copy of the image tower, so callers may train it freely."""
@@ -94,7 +127,10 @@ def create(model_id: ModelId, home: Path, suite: str) -> Backbone:
     torch.manual_seed(0)  # random-init runs get the same θ0 every time
     try:
         model, train_tf, eval_tf = open_clip.create_model_and_transforms(
-            model_id.name, pretrained=model_id.pretrained, cache_dir=str(weights_dir(home))
+            model_id.name,
+            pretrained=model_id.pretrained,
+            cache_dir=str(weights_dir(home)),
+            **open_clip_options(model_id),
         )
     except (OSError, RuntimeError) as exc:
         if model_id.pretrained is None:

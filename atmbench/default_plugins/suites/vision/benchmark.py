@@ -16,13 +16,19 @@ from atmbench.default_plugins.suites.vision import data
 from atmbench.default_plugins.suites.vision.classnames import CLASSNAMES
 from atmbench.default_plugins.suites.vision.tasks import SUITES, TASKS
 from atmbench.default_plugins.suites.vision.templates import TEMPLATES
-from atmbench.default_plugins.suites.vision.zeroshot import cached_head, class_embeddings
+from atmbench.default_plugins.suites.vision.zeroshot import (
+    cached_head,
+    class_embeddings,
+    head_key,
+)
 from atmbench.finetune import Recipe, state_on_cpu
 from atmbench.heads import CosineHead
 from atmbench.suite import SuiteDataError
 
-VERSION = "1"
-"""Bump when data handling, heads or recipes change: it invalidates caches."""
+VERSION = "2"
+"""Bump when data handling, heads or recipes change: it invalidates caches.
+
+2: OpenAI weights run with QuickGELU (open_clip >= 2.29 built them with GELU), fp32 logits."""
 NUM_WORKERS = 8
 """Data-loader processes for fine-tuning and evaluation: JPEG decoding feeds the GPU."""
 GRAD_CHECKPOINTING_ENV = "ATMBENCH_GRAD_CHECKPOINTING"
@@ -105,12 +111,14 @@ class VisionBenchmark:
         self._visual = backbone.visual()
         self._checkpointing = _grad_checkpointing(self.model_id.name)
         self._base = state_on_cpu(self._visual)
+        self.activation = backbone.activation
         self._heads = {t: self._head(backbone, t) for t in self.tasks}
         del backbone  # the text tower is only needed for the heads
         self._rows = {t: data.load(self.home, t) for t in self.tasks}
         self._split = {t: data.validation_split(len(self._rows[t]["train"])) for t in self.tasks}
         sources = {t: data.read_source(self.home, t) for t in self.tasks}
-        self.fingerprint = f"{suite}-v{VERSION}-{self.model_id}-{key_hash(sources)}"
+        identity = {"sources": sources, "activation": self.activation}
+        self.fingerprint = f"{suite}-v{VERSION}-{self.model_id}-{key_hash(identity)}"
 
     def _head(self, backbone: bb.Backbone, task: str) -> CosineHead:
         def build() -> tuple[Tensor, float]:
@@ -121,7 +129,8 @@ class VisionBenchmark:
             clip.cpu()
             return weight, float(clip.logit_scale.detach().exp())
 
-        return cached_head(self.home, str(self.model_id), task, build).to(self.device)
+        key = head_key(str(self.model_id), task, CLASSNAMES[task], backbone.activation)
+        return cached_head(self.home, key, build).to(self.device)
 
     def import_experts(self, source: str) -> dict[str, dict[str, Tensor]]:
         """Published fine-tuned image towers (``hub:ORG/PREFIX`` or a folder) per task."""

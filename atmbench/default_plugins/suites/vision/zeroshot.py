@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from atmbench.cache import EntryCache, load_entry
-from atmbench.default_plugins.suites.vision.classnames import CLASSNAMES
 from atmbench.default_plugins.suites.vision.templates import TEMPLATES
 from atmbench.heads import CosineHead
 
@@ -43,27 +42,31 @@ def class_embeddings(
     return nn.functional.normalize(per_prompt.mean(1), dim=-1)
 
 
-def head_key(model: str, task: str) -> dict:
-    """Cache key: the backbone and the exact prompts, so editing either rebuilds the head."""
+def head_key(model: str, task: str, classnames: Sequence[str], activation: str) -> dict:
+    """Cache key: the backbone, the activation it ran with and the exact prompts.
+
+    The activation is part of it because open_clip may build the same ``NAME:TAG`` with
+    GELU or QuickGELU (see :func:`~atmbench.default_plugins.suites.vision.backbone.quick_gelu`):
+    heads built under the wrong one must not be reused.
+    """
     return {
         "suite": "vision-heads",
         "model": model,
+        "activation": activation,
         "task": task,
-        "classnames": list(CLASSNAMES[task]),
+        "classnames": list(classnames),
         "templates": list(TEMPLATES[task]),
     }
 
 
-def cached_head(
-    home: Path, model: str, task: str, build: Callable[[], tuple[Tensor, float]]
-) -> CosineHead:
-    """The task's head from ``$ATMBENCH_HOME/heads``, computing it with ``build`` if absent."""
+def cached_head(home: Path, key: dict, build: Callable[[], tuple[Tensor, float]]) -> CosineHead:
+    """The head for ``key`` (:func:`head_key`) from ``$ATMBENCH_HOME/heads``, built if absent."""
 
     def compute():
         weight, scale = build()
         return {"weight": weight, "scale": torch.tensor(scale)}, {}
 
     cache = EntryCache(Path(home) / "heads")
-    directory, _, _ = cache.get_or_create(head_key(model, task), compute)
+    directory, _, _ = cache.get_or_create(key, compute)
     tensors = load_entry(directory)
     return CosineHead(tensors["weight"], float(tensors["scale"]))
