@@ -152,3 +152,27 @@ def test_load_experts_from_folder_and_hub(tmp_path, monkeypatch):
     assert all(torch.equal(from_hub["cars"][k], loaded["cars"][k]) for k in base)
     with pytest.raises(experts.SuiteDataError, match="no checkpoint for task 'dtd'"):
         experts.load_experts(str(tmp_path / "local"), ["dtd"], base)
+
+
+def test_imported_experts_must_share_the_backbones_activation(tmp_path):
+    from atmbench.default_plugins.suites.vision import experts
+
+    hf = _hf_model(with_projection=False)
+    hf.save_pretrained(tmp_path / "cars")  # config.json says hidden_act="quick_gelu"
+    base = _open_clip_model().state_dict()
+    loaded = experts.load_experts(str(tmp_path), ["cars"], base, activation="QuickGELU")
+    assert set(loaded["cars"]) == set(base)
+    with pytest.raises(experts.SuiteDataError, match="hidden_act='quick_gelu'.*runs GELU"):
+        experts.load_experts(str(tmp_path), ["cars"], base, activation="GELU")
+
+
+def test_no_published_expert_for_emnist(tmp_path):
+    from atmbench.default_plugins.suites.vision import experts
+
+    with pytest.raises(experts.SuiteDataError, match="no published expert.*emnist.*10 digits"):
+        experts.checkpoint_paths("hub:tanganke/clip-vit-base-patch32", ["mnist", "emnist"])
+    hf = _hf_model(with_projection=False)
+    hf.save_pretrained(tmp_path / "emnist")  # a folder may still hold one
+    assert experts.checkpoint_paths(str(tmp_path), ["emnist"]) == {
+        "emnist": tmp_path / "emnist" / "model.safetensors"
+    }

@@ -26,7 +26,10 @@ from atmbench.default_plugins.suites.vision.benchmark import (  # noqa: E402
     VisionBenchmark,
     task_vectors_recipe,
 )
-from atmbench.default_plugins.suites.vision.classnames import CLASSNAMES  # noqa: E402
+from atmbench.default_plugins.suites.vision.classnames import (  # noqa: E402
+    CLASSNAMES,
+    classnames,
+)
 from atmbench.default_plugins.suites.vision.download import download  # noqa: E402
 from atmbench.default_plugins.suites.vision.tasks import SUITES, TASKS  # noqa: E402
 from atmbench.default_plugins.suites.vision.templates import TEMPLATES  # noqa: E402
@@ -245,6 +248,38 @@ def test_zero_shot_head_is_the_template_average(tmp_path, hub):
     base = bench.base_state()
     assert set(base) == set(clip.visual.state_dict())
     assert all(torch.equal(base[k], v) for k, v in clip.visual.state_dict().items())
+
+
+def test_class_name_sets_fusionbench_and_tall(tmp_path, hub):
+    differ = {"pets", "food101", "kmnist", "fer2013", "flowers102"}
+    for task in SUITES["vision20"]:
+        same = classnames(task, "tall") == classnames(task, "fusionbench") == CLASSNAMES[task]
+        assert same == (task not in differ), task
+        assert len(classnames(task, "tall")) == len(CLASSNAMES[task])
+    assert classnames("pets", "tall")[2] == "American Pit Bull Terrier"
+    assert classnames("pets", "fusionbench")[2] == "american_pit_bull_terrier"
+    assert classnames("food101", "tall")[0] == "apple_pie"
+    assert classnames("kmnist", "tall")[:3] == ("o", "ki", "su")
+    assert classnames("flowers102", "tall")[59] == "pink and yellow dahlia"
+    # FER2013: the hub's label order (neutral 5th), TALL's synonyms as its prompts render them.
+    assert classnames("fer2013", "tall")[3:5] == ("['happy', 'smiling']", "['neutral', 'bored']")
+    with pytest.raises(ValueError, match="unknown class-name set 'x' .*fusionbench, tall"):
+        classnames("pets", "x")
+    # The choice is the suite: part of every cell's config and of the expert cache key.
+    assert SUITES["vision20-tall"] == SUITES["vision20"]
+    cells = runner.plan("vision14-tall", "ViT-B-32", ["ta"], [0])
+    assert {c.config()["suite"] for c in cells} == {"vision14-tall"}
+    assert runner.plan("vision14", "ViT-B-32", ["ta"], [0])[0].key != cells[0].key
+    tall = VisionBenchmark(
+        MODEL, tmp_path, torch.device("cpu"), suite="vision14-tall", tasks=["pets"]
+    )
+    plain = VisionBenchmark(MODEL, tmp_path, torch.device("cpu"), suite="vision14", tasks=["pets"])
+    assert (tall.naming, plain.naming) == ("tall", "fusionbench")
+    assert tall.fingerprint != plain.fingerprint
+    cache = EntryCache(tmp_path / "heads")
+    for names in (classnames("pets", "tall"), CLASSNAMES["pets"]):
+        assert cache.lookup(head_key(MODEL, "pets", names, "QuickGELU")) is not None
+    assert not torch.equal(tall.head("pets").weight, plain.head("pets").weight)
 
 
 def test_whole_path_through_the_runner(tmp_path, hub, register, monkeypatch):

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from atmbench.cache import key_hash
 from atmbench.default_plugins.suites.vision import backbone as bb
 from atmbench.default_plugins.suites.vision import data
-from atmbench.default_plugins.suites.vision.classnames import CLASSNAMES
-from atmbench.default_plugins.suites.vision.tasks import SUITES, TASKS
+from atmbench.default_plugins.suites.vision.classnames import classnames
+from atmbench.default_plugins.suites.vision.tasks import NAMING, SUITES, TASKS
 from atmbench.default_plugins.suites.vision.templates import TEMPLATES
 from atmbench.default_plugins.suites.vision.zeroshot import (
     cached_head,
@@ -97,6 +97,7 @@ class VisionBenchmark:
         recipes: Mapping[str, Recipe] | None = None,
     ):
         self.suite, self.model, self.device, self.home = suite, model, device, Path(home)
+        self.naming = NAMING[suite]
         self.num_workers = NUM_WORKERS
         self.model_id = bb.parse_model(model)
         self.tasks = tuple(tasks or SUITES[suite])
@@ -117,26 +118,30 @@ class VisionBenchmark:
         self._rows = {t: data.load(self.home, t) for t in self.tasks}
         self._split = {t: data.validation_split(len(self._rows[t]["train"])) for t in self.tasks}
         sources = {t: data.read_source(self.home, t) for t in self.tasks}
-        identity = {"sources": sources, "activation": self.activation}
+        identity = {"sources": sources, "activation": self.activation, "naming": self.naming}
         self.fingerprint = f"{suite}-v{VERSION}-{self.model_id}-{key_hash(identity)}"
 
     def _head(self, backbone: bb.Backbone, task: str) -> CosineHead:
+        names = classnames(task, self.naming)
+
         def build() -> tuple[Tensor, float]:
             clip = backbone.model.to(self.device)
             weight = class_embeddings(
-                clip.encode_text, backbone.tokenizer, CLASSNAMES[task], TEMPLATES[task], self.device
+                clip.encode_text, backbone.tokenizer, names, TEMPLATES[task], self.device
             )
             clip.cpu()
             return weight, float(clip.logit_scale.detach().exp())
 
-        key = head_key(str(self.model_id), task, CLASSNAMES[task], backbone.activation)
+        key = head_key(str(self.model_id), task, names, backbone.activation)
         return cached_head(self.home, key, build).to(self.device)
 
     def import_experts(self, source: str) -> dict[str, dict[str, Tensor]]:
         """Published fine-tuned image towers (``hub:ORG/PREFIX`` or a folder) per task."""
         from atmbench.default_plugins.suites.vision.experts import load_experts
 
-        return load_experts(source, self.tasks, self._base, cache_dir=self.home / "hub")
+        return load_experts(
+            source, self.tasks, self._base, cache_dir=self.home / "hub", activation=self.activation
+        )
 
     def base_state(self) -> dict[str, Tensor]:
         return {k: v.clone() for k, v in self._base.items()}

@@ -1203,3 +1203,48 @@ CLASSNAMES: dict[str, tuple[str, ...]] = {
     "emnist": DIGITS,
     "kmnist": KMNIST,
 }
+
+# --- TALL masks / TSV naming -------------------------------------------------------------
+# The lists above follow FusionBench. TALL masks (and TSV, built on its code) prompt five
+# of the 14/20-task extras with other tokens: torchvision's ``classes`` attributes for
+# Pets, Food-101 and KMNIST, its own Flowers-102 list (3 names differ) and, for FER2013,
+# lists of synonyms that its ``f"...{c}..."`` templates render as Python list literals.
+# They are given here in the label order of the hub copies above, matched by meaning.
+
+NAMINGS = ("fusionbench", "tall")
+"""Class-name sets the zero-shot heads can be built from; the first is the default."""
+
+_TALL_FLOWERS = {
+    "globe-flower": "globe flower",
+    "pink-yellow dahlia?": "pink and yellow dahlia",
+    "ball moss": "air plant",
+}
+_TALL_FER2013 = {
+    "angry": ["angry"],
+    "disgusted": ["disgusted"],
+    "fearful": ["fearful"],
+    "happy": ["happy", "smiling"],
+    "neutral": ["neutral", "bored"],
+    "sad": ["sad", "depressed"],
+    "surprised": ["surprised", "shocked", "spooked"],
+}
+
+TALL_CLASSNAMES: dict[str, tuple[str, ...]] = {
+    # torchvision OxfordIIITPet: the breed's words title-cased ("American Pit Bull Terrier").
+    "pets": tuple(" ".join(w.title() for w in name.split("_")) for name in PETS),
+    # torchvision Food101: the meta file's keys ("apple_pie").
+    "food101": tuple(name.replace(" ", "_") for name in FOOD101),
+    # torchvision KMNIST: romanised ("o", "ki", ...) where FusionBench writes the hiragana.
+    "kmnist": ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+    "flowers102": tuple(_TALL_FLOWERS.get(name, name) for name in FLOWERS102),
+    "fer2013": tuple(str(_TALL_FER2013[name]) for name in FER2013),
+}
+
+
+def classnames(task: str, naming: str = NAMINGS[0]) -> tuple[str, ...]:
+    """The names ``task``'s zero-shot head is built from under ``naming``."""
+    if naming not in NAMINGS:
+        raise ValueError(f"unknown class-name set {naming!r} (valid: {', '.join(NAMINGS)})")
+    if naming == "tall":
+        return TALL_CLASSNAMES.get(task, CLASSNAMES[task])
+    return CLASSNAMES[task]

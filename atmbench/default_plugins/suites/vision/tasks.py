@@ -6,11 +6,12 @@ fine-tuning epochs per dataset (about 2,000 steps at batch 128 for the first eig
 ``expert`` is the task's suffix in FusionBench's published experts
 (``tanganke/clip-vit-base-patch32_<expert>``).
 
-Known differences from the papers, kept on purpose because these are the hub copies:
-Food-101 has no test split on the hub (its ``validation`` split is the test set, as in
-FusionBench); EMNIST is the hub's ``tanganke/emnist_mnist`` (EMNIST's 10-digit "mnist"
-subset) while TALL masks uses torchvision's EMNIST "digits" split, and FusionBench's
-20-task set uses EMNIST letters instead.
+Known differences from the papers, kept on purpose because these are the hub copies (all
+listed in docs/fidelity.md): Food-101 has no test split on the hub (its ``validation``
+split is the test set, as in FusionBench); EMNIST is the hub's ``tanganke/emnist_mnist``
+(EMNIST's 10-digit "mnist" subset, 60,000 train / 10,000 test) while TALL masks uses
+torchvision's EMNIST "digits" split (240,000 / 40,000), and FusionBench's 20-task set uses
+EMNIST letters instead, so no published expert matches it (``expert`` is None).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class TaskSpec:
     path: str
     """Hugging Face dataset id."""
     epochs: int
-    expert: str
+    expert: str | None
+    """Suffix of FusionBench's published expert; None when none was trained on this data."""
     config: str | None = None
     train_split: str = "train"
     test_split: str = "test"
@@ -59,7 +61,7 @@ _SPECS = (
     TaskSpec("cifar10", "tanganke/cifar10", 6, "cifar10"),
     TaskSpec("food101", "ethz/food101", 4, "food101", test_split="validation"),
     TaskSpec("fashion_mnist", "zalando-datasets/fashion_mnist", 5, "fashion_mnist"),
-    TaskSpec("emnist", "tanganke/emnist_mnist", 2, "emnist_mnist"),
+    TaskSpec("emnist", "tanganke/emnist_mnist", 2, None),
     TaskSpec("kmnist", "tanganke/kmnist", 5, "kmnist"),
     TaskSpec("rendered_sst2", "nateraw/rendered-sst2", 39, "rendered-sst2"),
 )
@@ -70,4 +72,10 @@ SUITES: dict[str, tuple[str, ...]] = {
     "vision8": tuple(TASKS)[:8],
     "vision14": tuple(TASKS)[:14],
     "vision20": tuple(TASKS)[:20],
+    "vision14-tall": tuple(TASKS)[:14],
+    "vision20-tall": tuple(TASKS)[:20],
 }
+NAMING: dict[str, str] = {s: "tall" if s.endswith("-tall") else "fusionbench" for s in SUITES}
+"""Which class names the suite's zero-shot heads use (see ``classnames.classnames``): the
+``-tall`` suites prompt the 14/20-task extras as TALL masks and TSV do, for comparing with
+their tables; the others as FusionBench does. The data are the same."""
