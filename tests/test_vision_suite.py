@@ -266,12 +266,12 @@ def test_class_name_sets_fusionbench_and_tall(tmp_path, hub):
     with pytest.raises(ValueError, match="unknown class-name set 'x' .*fusionbench, tall"):
         classnames("pets", "x")
     # The choice is the suite: part of every cell's config and of the expert cache key.
-    assert SUITES["vision20-tall"] == SUITES["vision20"]
-    cells = runner.plan("vision14-tall", "ViT-B-32", ["ta"], [0])
-    assert {c.config()["suite"] for c in cells} == {"vision14-tall"}
+    assert SUITES["vision20_tall"] == SUITES["vision20"]
+    cells = runner.plan("vision14_tall", "ViT-B-32", ["ta"], [0])
+    assert {c.config()["suite"] for c in cells} == {"vision14_tall"}
     assert runner.plan("vision14", "ViT-B-32", ["ta"], [0])[0].key != cells[0].key
     tall = VisionBenchmark(
-        MODEL, tmp_path, torch.device("cpu"), suite="vision14-tall", tasks=["pets"]
+        MODEL, tmp_path, torch.device("cpu"), suite="vision14_tall", tasks=["pets"]
     )
     plain = VisionBenchmark(MODEL, tmp_path, torch.device("cpu"), suite="vision14", tasks=["pets"])
     assert (tall.naming, plain.naming) == ("tall", "fusionbench")

@@ -23,8 +23,8 @@ DESCRIPTIONS = {
     "vision8": "SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD; open_clip; HF hub",
     "vision14": "vision8 + Flowers102, PCAM, FER2013, Pets, STL10, CIFAR-100 (TALL masks)",
     "vision20": "vision14 + CIFAR-10, Food-101, Fashion-MNIST, EMNIST, KMNIST, Rendered SST-2",
-    "vision14-tall": "vision14 with TALL masks / TSV class names (compare with their tables)",
-    "vision20-tall": "vision20 with TALL masks / TSV class names (compare with their tables)",
+    "vision14_tall": "vision14 with TALL masks / TSV class names (compare with their tables)",
+    "vision20_tall": "vision20 with TALL masks / TSV class names (compare with their tables)",
 }
 
 

@@ -72,10 +72,10 @@ SUITES: dict[str, tuple[str, ...]] = {
     "vision8": tuple(TASKS)[:8],
     "vision14": tuple(TASKS)[:14],
     "vision20": tuple(TASKS)[:20],
-    "vision14-tall": tuple(TASKS)[:14],
-    "vision20-tall": tuple(TASKS)[:20],
+    "vision14_tall": tuple(TASKS)[:14],
+    "vision20_tall": tuple(TASKS)[:20],
 }
-NAMING: dict[str, str] = {s: "tall" if s.endswith("-tall") else "fusionbench" for s in SUITES}
+NAMING: dict[str, str] = {s: "tall" if s.endswith("_tall") else "fusionbench" for s in SUITES}
 """Which class names the suite's zero-shot heads use (see ``classnames.classnames``): the
-``-tall`` suites prompt the 14/20-task extras as TALL masks and TSV do, for comparing with
+``_tall`` suites prompt the 14/20-task extras as TALL masks and TSV do, for comparing with
 their tables; the others as FusionBench does. The data are the same."""
