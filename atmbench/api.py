@@ -1,18 +1,47 @@
-"""``atmbench.merge``: merge state dicts with a method spec, on the runner's code path."""
+"""``atmbench.merge`` (state dicts in memory) and ``merge_checkpoints`` (model folders or hub
+ids on disk, the ``atmbench merge`` command): data-free merges on the runner's code path."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from atmbench import checkpoints, registry
 from atmbench import hparams as hp
-from atmbench import registry
-from atmbench.finetune import task_vector
-from atmbench.method import InMemoryTaskVectors, combine
+from atmbench.method import DifferenceTaskVectors, MergeMethod, combine
 from atmbench.spec import SpecError, parse_spec
-from atmbench.streaming import merged_task_vector
+from atmbench.streaming import merged_parameters, merged_task_vector, prepare
+
+DEFAULT_SHARD = "2GB"
+"""Output shard size of ``merge_checkpoints`` (tensor bytes per file)."""
+
+
+def _resolve(spec: str, hparams: Mapping[str, Any]) -> tuple[MergeMethod, dict[str, Any], float]:
+    """The data-free method of ``spec``, its hyperparameters (keyword wins over the spec,
+    defaults fill the rest) without the final scale, and that scale."""
+    parsed = parse_spec(spec, registry.methods(), registry.refiners())
+    if parsed.method is None or parsed.refiners:
+        raise SpecError(
+            f"{spec!r} needs training or validation data; only data-free merges run here "
+            "(use 'atmbench run' or the runner for refiners)"
+        )
+    method = registry.methods()[parsed.method.name]
+    if method.needs or method.data != "none":
+        free = sorted(n for n, m in registry.methods().items() if m.data == "none" and not m.needs)
+        raise SpecError(
+            f"method {method.name!r} needs data ({', '.join(method.needs) or method.data}); "
+            f"only data-free methods merge without a suite: {', '.join(free)}"
+        )
+    given = dict(parsed.method.fixed, **hp.resolve(method.all_hparams(), hparams, method.name))
+    values = hp.defaults(method.all_hparams(), given)
+    scale = values.pop(method.scale.name) if method.scale else 1.0
+    return method, values, scale
 
 
 def merge(
@@ -27,19 +56,129 @@ def merge(
     Hyperparameters come from the spec string and ``hparams`` (keyword wins) and are used
     as given; missing ones take the method's default. No validation search happens here,
     and specs that need data (refiners such as ``+atm``) are refused: use the runner.
+    Task vectors are computed parameter by parameter, on the tensors' device.
     """
-    parsed = parse_spec(spec, registry.methods(), registry.refiners())
-    if parsed.method is None or parsed.refiners:
-        raise SpecError(
-            f"{spec!r} needs training or validation data; atmbench.merge only runs data-free "
-            "merges (use 'atmbench run' or the runner for refiners)"
-        )
-    method = registry.methods()[parsed.method.name]
-    if method.needs:
-        raise SpecError(f"method {method.name!r} needs data statistics {method.needs}")
-    given = dict(parsed.method.fixed, **hp.resolve(method.all_hparams(), hparams, method.name))
-    values = hp.defaults(method.all_hparams(), given)
-    scale = values.pop(method.scale.name) if method.scale else 1.0
-    vectors = InMemoryTaskVectors({t: task_vector(s, base) for t, s in experts.items()})
+    method, values, scale = _resolve(spec, hparams)
+    vectors = DifferenceTaskVectors(base, experts)  # each τ_t computed per parameter
     delta = merged_task_vector(method, base, vectors, values, seed)
     return combine(base, delta, scale, consume=True)
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise checkpoints.CheckpointError(
+            f"device {name!r} is not a torch device (valid: cpu, cuda, cuda:N)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise checkpoints.CheckpointError(f"device {name!r}: no CUDA device (valid here: cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise checkpoints.CheckpointError(f"device {name!r}: valid are cpu, cuda, cuda:N")
+    return device
+
+
+def task_names(models: Sequence[str]) -> list[str]:
+    """Each expert's task name: its folder's (or hub id's) last part, numbered where two
+    share one. DARE's masks are seeded by it, so the same names give the same merge."""
+    names = [Path(m.partition("@")[0].rstrip("/")).name or m for m in models]
+    return [
+        f"{name}-{names[:i].count(name) + 1}" if names.count(name) > 1 else name
+        for i, name in enumerate(names)
+    ]
+
+
+class _WrittenDelta(Mapping[str, Tensor]):
+    """What ``method.finish`` sees of a merge already written out: parameter ``key`` is a
+    float32 tensor of NaN, and the entries finish assigns in it (TIES' tie-break) are
+    combined with the base as :func:`combine` does and written over the output when the
+    next parameter is asked for (:meth:`flush`). A finish that *reads* the merged vector
+    cannot run out of core."""
+
+    def __init__(self, writer: checkpoints.CheckpointWriter, base: Mapping[str, Tensor], scale):
+        self._writer, self._base, self._scale = writer, base, scale
+        self._open: tuple[str, Tensor] | None = None
+
+    def __getitem__(self, key: str) -> Tensor:
+        self.flush()
+        self._open = (key, torch.full(self._writer.layout[key][1], math.nan))
+        return self._open[1]
+
+    def __iter__(self):
+        return iter(self._writer.layout)
+
+    def __len__(self) -> int:
+        return len(self._writer.layout)
+
+    def flush(self) -> None:
+        if self._open is None:
+            return
+        key, edits = self._open
+        self._open = None
+        where = (~edits.isnan()).view(-1).nonzero().squeeze(1)
+        if len(where):
+            theta = self._writer.read(key)
+            base = self._base[key].view(-1)
+            value = edits.view(-1)[where] * self._scale
+            value += base[where.to(base.device)].cpu()
+            theta.view(-1)[where] = value.to(theta.dtype)
+            self._writer.write(key, theta)
+
+
+def merge_checkpoints(
+    spec: str,
+    base: str,
+    experts: Sequence[str],
+    out: Path,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    shard_size: str = DEFAULT_SHARD,
+    **hparams: Any,
+) -> list[Path]:
+    """Merge Hugging Face checkpoints (folders or hub ids, safetensors) into ``out``.
+
+    Equals :func:`merge` on the same tensors, with the experts named by
+    :func:`task_names`, but holds one parameter (a block of rows for the elementwise
+    methods) per model at a time: a model larger than the machine's memory merges. The
+    output has the base's dtypes, shards of at most ``shard_size`` and the base's config
+    and tokenizer files; ``atmbench_merge.json`` records the inputs.
+    """
+    method, values, scale = _resolve(spec, hparams)
+    shard_bytes = checkpoints.parse_size(shard_size)
+    where = _device(device)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise checkpoints.CheckpointError(f"--out {out} exists and is not an empty folder")
+    if not experts:
+        raise checkpoints.CheckpointError("no experts given: pass --experts A,B,...")
+    folders = [checkpoints.resolve(m) for m in (base, *experts)]
+    base_model = checkpoints.CheckpointReader(folders[0], where)
+    names = task_names(experts)
+    readers = [checkpoints.CheckpointReader(f, where) for f in folders[1:]]
+    tuned = dict(zip(names, readers, strict=True))
+    vectors = DifferenceTaskVectors(base_model, tuned)
+    state = prepare(method, base_model, vectors, values, seed)
+    layout = {k: (e.dtype, e.shape) for k, e in base_model.entries.items()}
+    writer = checkpoints.CheckpointWriter(out, layout, shard_bytes, {"merged_by": "atmbench"})
+    try:
+        for key, delta in merged_parameters(method, base_model, vectors, values, state, seed):
+            merged = combine({key: base_model[key]}, {key: delta}, scale, consume=True)
+            writer.write(key, merged[key])
+            del delta, merged
+        if method.finish:
+            written = _WrittenDelta(writer, base_model, scale)
+            method.finish(state, written)
+            written.flush()
+    finally:
+        files = writer.close()
+    checkpoints.copy_extras(folders[0], out)
+    record = {
+        "spec": spec,
+        "hparams": dict(values, **({method.scale.name: scale} if method.scale else {})),
+        "seed": seed,
+        "base": base,
+        "experts": dict(zip(names, experts, strict=True)),
+    }
+    (out / "atmbench_merge.json").write_text(json.dumps(record, indent=2) + "\n")
+    return files

@@ -360,3 +360,41 @@ def analyze(store_path, suite, out):
         click.echo(f"\n## {title}\n")
         click.echo(analysis.summary(trace).to_markdown(floatfmt=".3f"))
         click.echo(f"\nwrote {out / stem}-accuracy.png and -cosines.png")
+
+
+@cli.command(name="merge")
+@click.argument("spec")
+@click.option("--base", required=True, help="Base model: a folder or a hub id (ORG/NAME).")
+@click.option(
+    "--experts",
+    required=True,
+    help="Comma-separated fine-tuned models (folders or hub ids) of the base.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="New folder for the merged checkpoint.",
+)
+@click.option("--device", default="cpu", show_default=True, help="Where to merge: cpu, cuda.")
+@click.option("--seed", default=0, show_default=True, help="Seed of random masks (DARE).")
+@click.option(
+    "--shard-size",
+    default="2GB",
+    show_default=True,
+    help="Tensor bytes per output safetensors file.",
+)
+@_friendly
+def merge_command(spec, base, experts, out, device, seed, shard_size):
+    """Merge Hugging Face checkpoints with a data-free method, e.g. 'ties:k=0.2'.
+
+    Reads the models tensor by tensor (they need not fit in memory) and writes sharded
+    safetensors with the base's config and tokenizer files.
+    """
+    from atmbench.api import merge_checkpoints
+
+    names = [e.strip() for e in experts.split(",") if e.strip()]
+    files = merge_checkpoints(
+        spec, base, names, out, device=device, seed=seed, shard_size=shard_size
+    )
+    click.echo(f"merged {len(names)} expert(s) into {out} ({len(files)} safetensors file(s))")

@@ -36,7 +36,8 @@ class Scratch:
     which costs more than the arithmetic on it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self._buffers: dict[str, Tensor] = {}
 
     def empty(self, name: str, shape: Sequence[int]) -> Tensor:
@@ -45,7 +46,7 @@ class Scratch:
         size = math.prod(shape)
         buffer = self._buffers.get(name)
         if buffer is None or buffer.numel() < size:
-            buffer = self._buffers[name] = torch.empty(size)
+            buffer = self._buffers[name] = torch.empty(size, device=self.device)
         return buffer[:size].view(tuple(shape))
 
 
@@ -227,6 +228,79 @@ class FileTaskVectors:
         if tensor is None:
             tensor = self._tensors[task, key] = self._handles[task].get_tensor(key)
         return tensor
+
+
+class DifferenceTaskVectors:
+    """τ_t = θ_t − θ0 in float32, computed when a parameter (or a block of its rows) is
+    asked for and dropped by the caller after use: memory stays near one model plus one
+    tensor per task, where building every task vector up front costs T float32 models.
+
+    ``base`` and the experts are mappings of tensors (state dicts, or checkpoint readers
+    whose ``rows(key, rows)`` reads only a block of rows from disk). The base's rows are
+    kept for the next task's difference (the loops ask for a parameter task by task).
+    """
+
+    unchecked = True
+    """Caller-provided tensors: checked for NaN/inf during the merge."""
+
+    def __init__(self, base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]):
+        self.tasks = tuple(experts)
+        self._base = base
+        self._experts = experts
+        self._last: tuple[str, Any, Tensor] | None = None
+
+    def keys(self, task: str) -> Iterable[str]:
+        return self._experts[task].keys()
+
+    def peek(self, task: str, key: str) -> Tensor:
+        """A ``meta`` tensor with the task vector's shape and dtype: nothing is computed."""
+        shape = _rows_of(self._experts[task], key, None).shape
+        return torch.empty(shape, device="meta")
+
+    def rows(self, task: str, key: str, rows: Any) -> Tensor:
+        """The task vector's ``rows`` (a slice of leading rows, or ``...``) of ``key``."""
+        tuned = _rows_of(self._experts[task], key, rows)
+        if key not in self._base:  # left to check_keys, which names the key
+            return tuned
+        difference = tuned.to(torch.float32, copy=True)
+        # θ0 promoted to float32 exactly, as finetune.task_vector computes it
+        return difference.sub_(self._base_rows(key, rows))
+
+    def get(self, task: str, key: str) -> Tensor:
+        return self.rows(task, key, ...)
+
+    def stacked(self, key: str) -> Tensor:
+        return _stack(key, self.tasks, [self.get(t, key) for t in self.tasks])
+
+    def _base_rows(self, key: str, rows: Any) -> Tensor:
+        if self._last is None or self._last[0] != key or self._last[1] != rows:
+            self._last = (key, rows, _rows_of(self._base, key, rows))
+        return self._last[2]
+
+
+def _rows_of(source: Mapping[str, Tensor], key: str, rows: Any) -> Tensor:
+    """``source[key][rows]``, read from disk block by block where the source can
+    (``rows=None``: a tensor with just the shape, ``meta`` if the source can say)."""
+    reader = getattr(source, "rows", None)
+    if reader is not None:
+        return reader(key, rows)
+    tensor = source[key]
+    return tensor if rows is None else tensor[rows]
+
+
+def task_rows(vectors: TaskVectors, task: str, key: str, rows: Any) -> Tensor:
+    """Task ``task``'s vector of parameter ``key`` at ``rows``: computed for those rows only
+    where the task vectors are computed lazily (:class:`DifferenceTaskVectors`), else a
+    view of the whole tensor."""
+    reader = getattr(vectors, "rows", None)
+    return reader(task, key, rows) if reader is not None else vectors.get(task, key)[rows]
+
+
+def peek(vectors: TaskVectors, task: str, key: str) -> Tensor:
+    """A tensor with the shape and dtype of ``task``'s vector of ``key``, computing nothing
+    where the task vectors are lazy."""
+    probe = getattr(vectors, "peek", None)
+    return probe(task, key) if probe is not None else vectors.get(task, key)
 
 
 def sum_tasks(task_vectors: Tensor | Sequence[Tensor], out: Tensor) -> Tensor:

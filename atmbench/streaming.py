@@ -36,7 +36,9 @@ from atmbench.method import (
     TaskVectors,
     TensorContext,
     check_keys,
+    peek,
     same_shape,
+    task_rows,
 )
 
 BLOCK = 1 << 18
@@ -71,8 +73,10 @@ def _stack(scratch: Scratch, tensors: list[Tensor]) -> Tensor:
     return stacked
 
 
-def _per_task(vectors: TaskVectors, key: str) -> list[Tensor]:
-    return same_shape(key, tuple(vectors.tasks), [vectors.get(t, key) for t in vectors.tasks])
+def _shape(vectors: TaskVectors, key: str) -> torch.Size:
+    """The shape of parameter ``key``'s task vectors, the same for every task."""
+    tasks = tuple(vectors.tasks)
+    return same_shape(key, tasks, [peek(vectors, t, key) for t in tasks])[0].shape
 
 
 def _as_float32(scratch: Scratch, tensors: list[Tensor]) -> list[Tensor]:
@@ -111,11 +115,11 @@ def blocks(
     (:meth:`TensorContext.uniform`) are the same however the parameter is split. ``stats``
     are the parameter's statistics stacked over tasks ``[T, ...]``; each block sees its rows.
     """
-    tensors = _per_task(vectors, key)
+    shape = _shape(vectors, key)
     scratch = scratch or Scratch()
-    row_size = math.prod(tensors[0].shape[1:])
-    for rows in row_blocks(tensors[0].shape):
-        views = [t[rows] for t in tensors]
+    row_size = math.prod(shape[1:])
+    for rows in row_blocks(shape):
+        views = [task_rows(vectors, t, key, rows) for t in vectors.tasks]
         block = _stack(scratch, views) if stacked else _as_float32(scratch, views)
         _check_finite(vectors, key, block)
         block_stats = {n: s[:, rows] for n, s in (stats or {}).items()}
@@ -129,7 +133,7 @@ def floating_keys(vectors: TaskVectors) -> list[str]:
     if not vectors.tasks:
         return []
     first = vectors.tasks[0]
-    return [k for k in vectors.keys(first) if vectors.get(first, k).is_floating_point()]
+    return [k for k in vectors.keys(first) if peek(vectors, first, k).is_floating_point()]
 
 
 def _merge_whole(
@@ -159,7 +163,7 @@ def _merge_rowwise(
     stats: Mapping[str, Tensor],
     scratch: Scratch,
 ) -> Tensor:
-    out = torch.empty(base.shape)
+    out = torch.empty(base.shape, device=base.device)
     for rows, ctx, task_vectors in blocks(
         vectors, key, seed, state, stats, scratch, method.stacked
     ):
@@ -176,6 +180,18 @@ def _merge_rowwise(
     return out
 
 
+def prepare(
+    method: MergeMethod,
+    base: Mapping[str, Tensor],
+    vectors: TaskVectors,
+    hparams: Mapping[str, Any],
+    seed: int = 0,
+) -> Any:
+    """Check the inputs' keys and run the method's global pre-pass (its state, or None)."""
+    check_keys(base, vectors)
+    return method.prepare(vectors, seed=seed, **hparams) if method.prepare else None
+
+
 def merged_task_vector(
     method: MergeMethod,
     base: Mapping[str, Tensor],
@@ -186,15 +202,33 @@ def merged_task_vector(
 ) -> dict[str, Tensor]:
     """Stream ``method`` over every parameter; return the unscaled merged task vector (fp32),
     in tensors of its own (no input's memory)."""
-    check_keys(base, vectors)
-    state = method.prepare(vectors, seed=seed, **hparams) if method.prepare else None
-    out: dict[str, Tensor] = {}
-    scratch = Scratch()  # one set of block buffers for the whole pass
+    state = prepare(method, base, vectors, hparams, seed)
+    out = dict(merged_parameters(method, base, vectors, hparams, state, seed, stats))
+    if method.finish:
+        method.finish(state, out)
+    return out
+
+
+def merged_parameters(
+    method: MergeMethod,
+    base: Mapping[str, Tensor],
+    vectors: TaskVectors,
+    hparams: Mapping[str, Any],
+    state: Any,
+    seed: int = 0,
+    stats: Mapping[str, Any] | None = None,
+) -> Iterator[tuple[str, Tensor]]:
+    """Yield ``(key, unscaled merged task vector)`` (fp32, on the base tensor's device) one
+    parameter at a time, given :func:`prepare`'s ``state``: a caller that writes each one
+    out holds a single parameter. ``method.finish`` is the caller's to run afterwards."""
+    scratch = None  # one set of block buffers for the whole pass, on the parameters' device
     for key, b in base.items():
         if not vectors.tasks or not b.is_floating_point():
-            out[key] = torch.zeros_like(b, dtype=torch.float32)
+            yield key, torch.zeros_like(b, dtype=torch.float32)
             continue
-        shape = tuple(vectors.get(vectors.tasks[0], key).shape)
+        if scratch is None or scratch.device != b.device:
+            scratch = Scratch(b.device)
+        shape = tuple(_shape(vectors, key))
         if shape != tuple(b.shape):
             raise MergeInputError(
                 f"parameter {key!r}: task vectors have shape {shape}, the base has {tuple(b.shape)}"
@@ -212,7 +246,4 @@ def merged_task_vector(
                 f"method {method.name!r} returned shape {tuple(delta.shape)} for {key!r}, "
                 f"expected {tuple(b.shape)}"
             )
-        out[key] = delta.float()
-    if method.finish:
-        method.finish(state, out)
-    return out
+        yield key, delta.float()

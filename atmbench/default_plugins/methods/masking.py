@@ -28,7 +28,7 @@ from torch import Tensor
 
 from atmbench import kernels
 from atmbench.hparams import HParam
-from atmbench.method import Scratch, TaskVectors, TensorContext, sum_tasks
+from atmbench.method import Scratch, TaskVectors, TensorContext, peek, sum_tasks, task_rows
 from atmbench.streaming import floating_keys
 
 Transform = Callable[[Tensor, TensorContext], Tensor]
@@ -101,9 +101,9 @@ def _sample(vectors: TaskVectors, seed: int, transform: Transform | None) -> Ten
     tasks = len(vectors.tasks)
     pieces = []  # per parameter, T tensors: the sampled rows (or their transform)
     for key in floating_keys(vectors):
-        first = vectors.get(vectors.tasks[0], key)
+        first = peek(vectors, vectors.tasks[0], key)
         rows = slice(None, None, SAMPLE_STRIDE) if first.dim() > 1 else ...
-        views = [vectors.get(task, key)[rows] for task in vectors.tasks]
+        views = [task_rows(vectors, task, key, rows) for task in vectors.tasks]
         if transform:
             ctx = TensorContext(key, tuple(vectors.tasks), seed)
             views = transform(torch.stack(views).float(), ctx).reshape(tasks, -1)
