@@ -95,13 +95,19 @@ class _WrittenDelta(Mapping[str, Tensor]):
     next parameter is asked for (:meth:`flush`). A finish that *reads* the merged vector
     cannot run out of core."""
 
-    def __init__(self, writer: checkpoints.CheckpointWriter, base: Mapping[str, Tensor], scale):
+    def __init__(
+        self,
+        writer: checkpoints.CheckpointWriter,
+        base: checkpoints.CheckpointReader,
+        scale: float,
+    ):
         self._writer, self._base, self._scale = writer, base, scale
         self._open: tuple[str, Tensor] | None = None
 
     def __getitem__(self, key: str) -> Tensor:
         self.flush()
-        self._open = (key, torch.full(self._writer.layout[key][1], math.nan))
+        shape, device = self._writer.layout[key][1], self._base.device
+        self._open = (key, torch.full(shape, math.nan, device=device))
         return self._open[1]
 
     def __iter__(self):
@@ -118,10 +124,9 @@ class _WrittenDelta(Mapping[str, Tensor]):
         where = (~edits.isnan()).view(-1).nonzero().squeeze(1)
         if len(where):
             theta = self._writer.read(key)
-            base = self._base[key].view(-1)
             value = edits.view(-1)[where] * self._scale
-            value += base[where.to(base.device)].cpu()
-            theta.view(-1)[where] = value.to(theta.dtype)
+            value += self._base[key].view(-1)[where]
+            theta.view(-1)[where.cpu()] = value.to(theta.dtype).cpu()
             self._writer.write(key, theta)
 
 

@@ -28,6 +28,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 from torch import Tensor
 
+from atmbench.torch_kernels import routed
+
 TaskRows = Tensor | Sequence[Tensor]
 """A block's task vectors: stacked ``[T, ...]``, or T tensors of the same shape (views of
 each task's own memory-mapped tensor: no stacked copy). Kernels read both alike."""
@@ -198,6 +200,7 @@ def _kth_smallest(bits, counts, ranks, out):
         out[t] = _kth_largest(values, size, size, size - ranks[t] + 1, 0, top + 1)
 
 
+@routed
 def kth_smallest(magnitudes: Tensor, counts: Tensor, ranks: Tensor) -> Tensor:
     """Per task t, the ``ranks[t]``-th smallest (1-based) of ``magnitudes[t, :counts[t]]``,
     all ≥ 0: ``[T]`` float32. Selects by counting over the float bits (:func:`_kth_largest`),
@@ -291,6 +294,7 @@ def _ties(
     return votes, undecided
 
 
+@routed
 def ties_merge(
     task_vectors: TaskRows,
     thresholds: Tensor,
@@ -375,6 +379,7 @@ def _bracket(values, low, high, below, kept, filled, dropping, seed, p):
         filled[part] = f
 
 
+@routed
 def bracket_counts(
     values: Tensor,
     lo: float,
@@ -425,6 +430,7 @@ def _dare(addresses, n, seeds, offset, p, survivors, out):
         _dropped(row, seeds[t], offset + np.uint64(start), p, survivors, target)
 
 
+@routed
 def dare(
     task_vectors: TaskRows, seeds: list[int], offset: int, p: float, out: Tensor | None = None
 ) -> Tensor:
@@ -476,6 +482,7 @@ def _consensus(addresses, n, merged, lam, agree, out):
         _consensus_chunk(tv, stop - start, merged[start:stop], lam, agree, out[start:stop])
 
 
+@routed
 def consensus(
     task_vectors: TaskRows, merged: Tensor, lam: float, agree: int, out: Tensor | None = None
 ) -> Tensor:
@@ -598,6 +605,7 @@ def _band_sum(addresses, count, cols, start, stop, out, repeats):
             repeats[r] = repeated
 
 
+@routed
 def band_sum(
     task_vectors: TaskRows, start: int, stop: int, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:

@@ -186,7 +186,7 @@ def _float_bits(magnitudes: Tensor) -> Tensor:
 
 def _histogram(values: Tensor, bins: int) -> Tensor:
     """``values``: ints in [0, bins); returns the [bins] counts."""
-    return torch.bincount(values.reshape(-1).long(), minlength=bins)
+    return torch.bincount(values.reshape(-1).long(), minlength=bins).cpu()  # counts on the CPU
 
 
 def _locate(counts: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
@@ -415,11 +415,11 @@ def breadcrumbs_sum(
     """
     shape = task_vectors[0].shape
     if not shape:  # 0-D parameters: kept whole
-        return sum_tasks(task_vectors, torch.empty(()))
+        return sum_tasks(task_vectors, torch.empty((), device=task_vectors[0].device))
     cols = shape[-1]
     start, stop = band_limits(cols, keep, outliers)
     if stop <= start:
-        return torch.zeros(shape)
+        return torch.zeros(shape, device=task_vectors[0].device)
     total, repeats = kernels.band_sum(task_vectors, start, stop, out)
     repeated = repeats.reshape(-1)
     if bool(repeated.any()):
