@@ -11,6 +11,7 @@ should stay near 2: base and merged model, plus one block per task).
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -29,9 +30,18 @@ SVD = {"tsv", "iso_c", "iso_cts"}
 RESULTS: dict[str, dict[str, float]] = {}
 
 
+FUSIONBENCH_PYTHON = os.environ.get("ATMBENCH_FUSIONBENCH_PYTHON")
+BEFORE_SRC = os.environ.get("ATMBENCH_BEFORE_SRC")
+HERE = Path(__file__).parent
+
+
 @pytest.fixture(scope="session")
 def tower(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("vit-b-32-tower")
+    kept = os.environ.get("ATMBENCH_TOWER_DIR")
+    directory = Path(kept) if kept else tmp_path_factory.mktemp("vit-b-32-tower")
+    files = [directory / f"task{t}.safetensors" for t in range(TASKS)]
+    if kept and all(f.exists() for f in [directory / "base.safetensors", *files]):
+        return directory, directory / "base.safetensors", files
     base, files = write_tower(directory)
     return directory, base, files
 
@@ -95,6 +105,44 @@ def test_peak_rss(tower, name):
     assert anon_gb < 4 * model_gb
 
 
+def _fresh_process(command: list[str], env: dict[str, str] | None = None) -> tuple[float, ...]:
+    """(seconds, peak RSS GB, peak anonymous RSS GB) printed by a one-merge process."""
+    out = subprocess.run(
+        command, capture_output=True, text=True, check=True, env=env
+    ).stdout.split()
+    return float(out[-3]), float(out[-2]), float(out[-1])
+
+
+@pytest.mark.skipif(not FUSIONBENCH_PYTHON, reason="set ATMBENCH_FUSIONBENCH_PYTHON")
+@pytest.mark.parametrize("name", sorted(SVD))
+def test_svd_against_fusionbench(benchmark, tower, name):
+    """FusionBench's merge, then ours, each in a fresh process (then the ``before`` checkout's):
+    the ratio of two timings taken a minute apart on the same inputs."""
+    directory, _, _ = tower
+    figures: dict[str, tuple[float, ...]] = {}
+    fusionbench = [FUSIONBENCH_PYTHON, str(HERE / "fusionbench_svd.py"), str(directory), name]
+    ours = [sys.executable, str(HERE / "tower.py"), str(directory), name]
+    benchmark.pedantic(
+        lambda: figures.update(ours=_fresh_process(ours)),
+        setup=lambda: figures.update(fusionbench=_fresh_process(fusionbench)),
+        rounds=1,
+        iterations=1,
+    )
+    if BEFORE_SRC:
+        env = {**os.environ, "PYTHONPATH": BEFORE_SRC}
+        figures["before"] = _fresh_process(ours, env)
+    ratio = figures["ours"][0] / figures["fusionbench"][0]
+    benchmark.extra_info.update(
+        x_fusionbench=ratio, **{f"{k}_s_rss_anon": v for k, v in figures.items()}
+    )
+    RESULTS.setdefault(name, {}).update(
+        x_fusionbench=ratio, **{f"{k}_s": v[0] for k, v in figures.items()}
+    )
+    for who, (seconds, peak, anon) in figures.items():
+        print(f"\n{name} {who}: {seconds:.2f} s, peak RSS {peak:.2f} GB, anonymous {anon:.2f} GB")
+    print(f"{name}: {ratio:.3f}x FusionBench's time")
+
+
 def pytest_terminal_summary_lines() -> list[str]:
     lines = [
         "method | time / read floor: median of paired rounds (range) | peak RSS (GB) | "
@@ -109,6 +157,13 @@ def pytest_terminal_summary_lines() -> list[str]:
             f"floor {r.get('floor', float('nan')):.3f} s) | "
             f"{r.get('peak_rss_gb', float('nan')):.2f} | {r.get('x_model', float('nan')):.2f}x"
         )
+    for name, r in RESULTS.items():
+        if "x_fusionbench" in r:
+            before = f", before {r['before_s']:.2f} s" if "before_s" in r else ""
+            lines.append(
+                f"{name} | {r['x_fusionbench']:.3f}x FusionBench ({r['ours_s']:.2f} s against "
+                f"{r['fusionbench_s']:.2f} s{before})"
+            )
     if "read floor" in RESULTS:
         lines.append(f"read floor: {TASKS} x {RESULTS['read floor']['model_gb']:.2f} GB")
     return lines

@@ -37,8 +37,9 @@ from torch import Tensor
 from atmbench.default_plugins.methods.spectral import (
     GRAM_RTOL,
     alpha_scale,
+    gram_eigh,
     is_matrix,
-    polar,
+    polars,
     singular_values_and_polar,
     top_triplets,
 )
@@ -58,6 +59,8 @@ COMMON_FRACTION = HParam(
 def iso_c(base: Tensor, task_vectors: Tensor, ctx: TensorContext) -> Tensor:
     if not is_matrix(base):
         return task_vectors.mean(0)
+    if base.numel() == 0:  # no spectrum: nothing to flatten
+        return torch.zeros_like(base)
     s, p = singular_values_and_polar(task_vectors.sum(0))
     return s.mean() * p
 
@@ -78,7 +81,7 @@ def iso_cts_in_complement(task_vectors: Tensor, k: int, n: int) -> Tensor | None
     fallback then handles the sum.
     """
     total = task_vectors.sum(0).double()
-    lam, w = torch.linalg.eigh(total @ total.mT)  # ascending
+    lam, w = gram_eigh(total.mT)  # ascending
     rest = lam.shape[0] - k
     lam_c, u_c, basis = lam[rest:].flip(0), w[:, rest:].flip(1), w[:, :rest]
     if not bool((lam_c[-1:] > GRAM_RTOL * lam_c[:1]).all()):  # k = 0 has no eigenvalue
@@ -87,8 +90,9 @@ def iso_cts_in_complement(task_vectors: Tensor, k: int, n: int) -> Tensor | None
     vh_c = (u_c.mT @ total) / s_c[:, None]
     u_t, s_t, vh_t = top_triplets(basis.mT @ task_vectors.double(), n)
     s = torch.cat([s_t, s_c])
-    p_u = torch.cat([basis @ polar(u_t), u_c], 1)
-    return (s.mean() * (p_u @ polar(torch.cat([vh_t, vh_c])))).to(task_vectors.dtype)
+    p_t, p_vh = polars(u_t, torch.cat([vh_t, vh_c]))
+    p_u = torch.cat([basis @ p_t, u_c], 1)
+    return (s.mean() * (p_u @ p_vh)).to(task_vectors.dtype)
 
 
 def iso_cts(
@@ -96,6 +100,8 @@ def iso_cts(
 ) -> Tensor:
     if not is_matrix(base):
         return task_vectors.mean(0)
+    if base.numel() == 0:
+        return torch.zeros_like(base)
     k, n = split_rank(min(base.shape), len(task_vectors), common_fraction)
     if n and base.shape[0] <= base.shape[1]:
         delta = iso_cts_in_complement(task_vectors, k, n)
@@ -103,10 +109,10 @@ def iso_cts(
             return delta
     u, s, vh = top_triplets(task_vectors.sum(0, keepdim=True), k)
     if n:
-        specific = task_vectors - u @ (u.T @ task_vectors)
-        u_t, s_t, vh_t = top_triplets(specific, n)
+        u_t, s_t, vh_t = top_triplets(task_vectors, n, project_out=u)
         u, s, vh = torch.cat([u_t, u], 1), torch.cat([s_t, s]), torch.cat([vh_t, vh])
-    return s.mean() * (polar(u) @ polar(vh))
+    p_u, p_vh = polars(u, vh)
+    return s.mean() * (p_u @ p_vh)
 
 
 @hookimpl

@@ -1,30 +1,61 @@
 """Linear algebra shared by the SVD-based merges (TSV-M, Iso-C, Iso-CTS).
 
-Pure tensor functions on float32 inputs; nothing here mutates its arguments.
+Pure tensor functions on float32 inputs; nothing here mutates its arguments; outputs keep
+the input dtype.
 
-Speed: the merges need only part of each SVD (TSV-M keeps ⌊r/T⌋ triplets per task) or
-only the polar factor and the singular values, and these follow from the eigendecomposition
-of the smaller Gram matrix (AᵀA or AAᵀ). In float64 that costs roughly half a float32 CPU
-SVD of a 3072×768 matrix and a third of a 768×3072 one (square matrices gain nothing, but
-lose nothing either). Where only a few eigenpairs are wanted (k ≤ n/6) they come from
-LAPACK's subset solver (syevr via SciPy), which skips the eigenvectors not asked for: at
-ViT-B-32 size the top 96 of 768 cost about 75 % of a full eigh and the top 19 about 40 %.
-Squaring a matrix squares its condition number, so the Gram path is taken
-only where the eigenvalues it divides by are at least √ε₆₄ ≈ 1.5e-8 of the largest: the
-relative error this adds, about ε₆₄ λ_max/λ, stays below float32 rounding, and the results
-match float64 SVDs more closely than float32 SVDs do. Otherwise (zero or rank-deficient
-tasks, where the triplets or the polar factor are not unique) the SVD path runs, as the
-official code does. Outputs keep the input dtype.
+Which decomposition, and why. The merges need only part of each SVD (TSV-M keeps ⌊r/T⌋
+triplets per task, Iso-CTS a few per task) or only the polar factor and the singular values,
+and these follow from the eigendecomposition of the smaller Gram matrix (AᵀA or AAᵀ):
+
+- **Per-task top-k triplets** (``top_triplets``): the float32 Gram (BLAS ``syrk``, half a
+  matrix product) and its top k eigenpairs (LAPACK's subset solver ``syevr`` when k ≤ n/6),
+  then U = A V / σ. The result is accepted only when an a-posteriori check passes: the
+  residual R = AᵀU − V diag(σ), computed against the task matrix A itself (not its Gram),
+  must satisfy ‖R‖_F ≤ ``RESIDUAL_TOL``·σ_k. Then (with V orthonormal to working precision)
+  the triplets are exact singular triplets of A + E with E = −U Rᵀ, ‖E‖₂ ≤ ‖R‖_F ≤
+  1e-5·σ_k ≤ 1e-5·‖A‖₂ (a backward error of the order of LAPACK's float32 SVD, which is
+  what the official code runs), and ‖UᵀU − I‖₂ ≤ ‖R‖/σ_k ≤ 1e-5. A task whose check fails
+  (a spectrum too steep for float32's 7 digits: σ_k far below σ_1) is recomputed in
+  float64 (same route: its error is about ε₆₄ λ₁/λ_k, accepted while λ_k ≥ √ε₆₄ λ₁), and a
+  task lacking rank within k (zero or rank-deficient: the triplets are not unique) takes
+  the float64 SVD, as the official code does.
+- **Polar factors and singular values** (``singular_values_and_polar``): always float64
+  (decorrelating concatenated singular vectors can leave U with a condition number in the
+  thousands, which float32 Grams cannot resolve): P = X (XᵀX)^(-1/2) with the float64
+  eigendecomposition of the Gram; accepted while λ_min ≥ √ε₆₄ λ_max (error about
+  ε₆₄ κ², below float32 rounding), otherwise the SVD's. The final product X·(XᵀX)^(-1/2)
+  runs in float32 when κ(X) ≤ ``FLOAT32_PRODUCT_COND`` (its rounding error, about
+  ε₃₂ κ √n relative, stays below 1e-5), in float64 otherwise.
+
+A randomized range finder was measured and not used: at k = n/8 (TSV-M with 8 tasks) one
+power iteration already costs more than the Gram, and on spectra without a gap at k (the
+random benchmark tower) its a-posteriori check would fail and pay for both routes.
+
+Speed on a CPU: independent matrices (the T tasks of a tensor, U and Vᵀ of TSV-M) run on
+``torch.get_num_threads()`` worker threads, each calling single-threaded BLAS/LAPACK
+(SciPy); the tridiagonal reduction inside ``syevd``/``syevr`` barely gains from a second
+thread, two matrices at once do. On a GPU (tensors on CUDA) the same routes run batched
+over tasks with ``torch.linalg``.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
 import numpy as np
 import scipy.linalg
 import torch
+from scipy.linalg import blas
+from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 from atmbench.hparams import HParam
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def alpha_scale() -> HParam:
@@ -61,8 +92,194 @@ def svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return u.to(matrix.dtype), s.to(matrix.dtype), vh.to(matrix.dtype)
 
 
-# Smallest Gram eigenvalue, relative to the largest, that the Gram path divides by.
+# Smallest Gram eigenvalue, relative to the largest, that the float64 Gram path divides by.
 GRAM_RTOL = torch.finfo(torch.float64).eps ** 0.5
+# Largest ‖AᵀU − VΣ‖_F / σ_k accepted from the float32 route (see the module docstring).
+RESIDUAL_TOL = 3e-5
+# Largest condition number of X for which X·(XᵀX)^(-1/2) is multiplied out in float32.
+FLOAT32_PRODUCT_COND = 10.0
+# Largest share k/n of eigenpairs for which the subset solver beats a full eigh.
+SUBSET_SHARE = 1 / 6
+
+
+_WORKER = threading.local()
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``fn`` over independent ``items`` on ``torch.get_num_threads()`` threads.
+
+    Each worker's BLAS/LAPACK calls are single-threaded (SciPy's and NumPy's OpenBLAS
+    release the GIL), so two matrices are factorized at once instead of one on two
+    threads; on a loaded machine this also avoids multithreaded LAPACK's spinning
+    barriers. Calls from inside a worker run in turn.
+    """
+    workers = min(len(items), torch.get_num_threads())
+    if workers <= 1 or getattr(_WORKER, "active", False):
+        return [fn(item) for item in items]
+
+    def run(item: T) -> R:
+        _WORKER.active = True
+        return fn(item)
+
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(run, items))
+
+
+def _row_chunks(a: np.ndarray) -> list[np.ndarray]:
+    """``a`` split by rows into one contiguous-row view per worker."""
+    parts = min(torch.get_num_threads(), max(1, a.shape[0] // 256))
+    return np.array_split(a, parts) if parts > 1 else [a]
+
+
+def _gram(b: np.ndarray) -> np.ndarray:
+    """bᵀb with BLAS ``syrk`` (upper triangle filled), without copying ``b``."""
+    syrk = blas.dsyrk if b.dtype == np.float64 else blas.ssyrk
+    if b.flags.f_contiguous:
+        return syrk(1.0, b, trans=1, lower=0)
+    return syrk(1.0, np.ascontiguousarray(b).T, trans=0, lower=0)
+
+
+def _gram_parallel(b: np.ndarray) -> np.ndarray:
+    """``_gram`` of one large matrix as the sum of its row blocks' Grams, side by side."""
+    if not b.flags.c_contiguous:
+        return _gram(b)
+    return sum(parallel_map(_gram, _row_chunks(b)))
+
+
+def _matmul_parallel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b by row blocks of ``a``, side by side."""
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return np.concatenate(parallel_map(lambda rows: rows @ b, _row_chunks(a)))
+
+
+def _top_eigh(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` eigenpairs (descending) of a symmetric matrix given by its upper triangle."""
+    n = gram.shape[0]
+    if 0 < k <= SUBSET_SHARE * n:
+        lam, w = scipy.linalg.eigh(
+            gram,
+            lower=False,
+            subset_by_index=[n - k, n - 1],
+            driver="evr",
+            check_finite=False,
+            overwrite_a=True,
+        )
+    else:
+        lam, w = scipy.linalg.eigh(
+            gram, lower=False, driver="evd", check_finite=False, overwrite_a=True
+        )
+        lam, w = lam[n - k :], w[:, n - k :]  # k = 0 keeps nothing
+    return lam[::-1], w[:, ::-1]
+
+
+def _triplets_from_gram(b: np.ndarray, k: int) -> tuple[np.ndarray, ...] | None:
+    """Top-k (U, σ, V) of tall ``b`` [p, q] from its Gram in ``b``'s dtype, or ``None``.
+
+    ``None`` when the check of the module docstring fails: float32 by the residual against
+    ``b``, float64 by the size of λ_k.
+    """
+    lam, w = _top_eigh(_gram(b), k)
+    if b.dtype == np.float64:
+        if not lam[-1] > GRAM_RTOL * lam[0]:
+            return None
+        s = np.sqrt(lam)
+        return (b @ w) / s, s, w
+    if not lam[-1] > 0:
+        return None
+    s = np.sqrt(lam)
+    u = (b @ w) / s
+    residual = b.T @ u
+    residual -= w * s
+    if not np.linalg.norm(residual) <= RESIDUAL_TOL * s[-1]:
+        return None
+    return u, s, w
+
+
+def _task_triplets(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k (U [m, k], σ [k], Vᵀ [k, n]) of one float32 matrix, by the first route that passes."""
+    tall = x.shape[0] >= x.shape[1]
+    b = x if tall else x.T
+    found = _triplets_from_gram(b, k) or _triplets_from_gram(b.astype(np.float64), k)
+    if found is None:
+        u, s, vh = svd(torch.from_numpy(x))
+        return u[:, :k].numpy(), s[:k].numpy(), vh[:k].numpy()
+    other, s, w = found
+    u, v = (other, w) if tall else (w, other)
+    return u.astype(x.dtype), s.astype(x.dtype), v.T.astype(x.dtype)
+
+
+def _top_triplets_batched(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``_task_triplets`` for [T, m, n] on a GPU: batched float32 Grams and eigh; a task that
+    fails the check is redone by ``_task_triplets`` on the CPU."""
+    tall = x.shape[1] >= x.shape[2]
+    b = x if tall else x.mT
+    lam, w = torch.linalg.eigh(b.mT @ b)
+    lam, w = lam[:, -k:].flip(-1), w[:, :, -k:].flip(-1)
+    s = lam.clamp_min(0).sqrt()
+    other = (b @ w) / s[:, None, :]
+    residual = torch.linalg.matrix_norm(b.mT @ other - w * s[:, None, :])
+    ok = (lam[:, -1] > 0) & (residual <= RESIDUAL_TOL * s[:, -1])
+    u, vh = (other, w.mT) if tall else (w, other.mT)
+    for t in torch.nonzero(~ok).flatten().tolist():
+        found = _task_triplets(x[t].cpu().numpy(), k)
+        u[t], s[t], vh[t] = (torch.from_numpy(a).to(x.device) for a in found)
+    return u, s, vh
+
+
+def top_triplets(
+    task_vectors: Tensor, k: int, project_out: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Each task's top-``k`` singular triplets, concatenated task by task.
+
+    ``task_vectors`` is [T, m, n]; returns U [m, T·k], S [T·k] and Vᵀ [T·k, n], the
+    layout of ``sum_u``/``sum_s``/``sum_vh`` in the official TSV and Iso-CTS code, in
+    descending order within each task. With ``project_out`` = Q [m, c] (orthonormal
+    columns) they are the triplets of (I − Q Qᵀ) τ_t instead, each task projected by its
+    own worker (Iso-CTS's task-specific residuals). Route and error bound: see the module
+    docstring.
+    """
+    t, m, n = task_vectors.shape
+    x = task_vectors.float()
+    if project_out is not None:
+        q = project_out.float()
+        if x.is_cuda or k == 0:
+            x = x - q @ (q.mT @ x)
+    if k == 0:
+        u, s, vh = x.new_zeros(t, m, 0), x.new_zeros(t, 0), x.new_zeros(t, 0, n)
+    elif x.is_cuda:
+        u, s, vh = _top_triplets_batched(x, k)
+    else:
+        q_np = None if project_out is None else q.numpy()
+
+        def one(task: Tensor) -> tuple[np.ndarray, ...]:
+            a = task.numpy()
+            if q_np is not None:
+                a = a - q_np @ (q_np.T @ a)
+            return _task_triplets(a, k)
+
+        found = parallel_map(one, list(x))
+        u, s, vh = (torch.from_numpy(np.stack(parts)) for parts in zip(*found, strict=True))
+    dtype = task_vectors.dtype
+    return (
+        u.permute(1, 0, 2).reshape(m, t * k).to(dtype),
+        s.reshape(t * k).to(dtype),
+        vh.reshape(t * k, n).to(dtype),
+    )
+
+
+def gram_eigh(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the float64 Gram xᵀx of [m, n] ``x``.
+
+    On the CPU: ``syrk`` by row blocks side by side, then LAPACK ``syevd``; on a GPU,
+    ``torch.linalg.eigh``.
+    """
+    if x.is_cuda:
+        x64 = x.double()
+        return torch.linalg.eigh(x64.mT @ x64)
+    x64 = np.ascontiguousarray(x.double().numpy())
+    lam, w = _top_eigh(_gram_parallel(x64), x.shape[1])
+    return torch.from_numpy(lam[::-1].copy()), torch.from_numpy(w[:, ::-1].copy())
 
 
 def singular_values_and_polar(matrix: Tensor) -> tuple[Tensor, Tensor]:
@@ -73,13 +290,26 @@ def singular_values_and_polar(matrix: Tensor) -> tuple[Tensor, Tensor]:
     the float64 eigendecomposition XᵀX = W Λ Wᵀ with σ = √Λ; when X is (nearly)
     rank-deficient the factor is not unique and the SVD's is returned.
     """
+    if matrix.shape[-2] == 0 or matrix.shape[-1] == 0:
+        return matrix.new_zeros(0), torch.zeros_like(matrix)
     wide = matrix.shape[-2] < matrix.shape[-1]
-    x = (matrix.mT if wide else matrix).double()
-    lam, w = torch.linalg.eigh(x.mT @ x)
+    x = matrix.mT if wide else matrix
+    x64, (lam, w) = x.double(), gram_eigh(x)
     if not lam[0] > GRAM_RTOL * lam[-1]:
         p, s, qh = svd(matrix)
         return s, p @ qh
-    p = x @ ((w * lam.rsqrt()) @ w.mT)
+    scaled = w * lam.rsqrt()
+    if x.is_cuda:
+        inverse_sqrt = scaled @ w.mT
+        if lam[-1] <= FLOAT32_PRODUCT_COND**2 * lam[0]:
+            x64, inverse_sqrt = x.float(), inverse_sqrt.float()
+        p = x64 @ inverse_sqrt
+    else:
+        inverse_sqrt = scaled.numpy() @ w.numpy().T
+        a = x64.numpy()
+        if lam[-1] <= FLOAT32_PRODUCT_COND**2 * lam[0]:
+            a, inverse_sqrt = x.float().numpy(), inverse_sqrt.astype(np.float32)
+        p = torch.from_numpy(_matmul_parallel(a, inverse_sqrt))
     return lam.flip(0).sqrt().to(matrix.dtype), (p.mT if wide else p).to(matrix.dtype)
 
 
@@ -91,58 +321,8 @@ def polar(matrix: Tensor) -> Tensor:
     return singular_values_and_polar(matrix)[1]
 
 
-# Largest share k/n of eigenpairs for which the subset solver beats torch's full eigh.
-SUBSET_SHARE = 1 / 6
-
-
-def top_eigh(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-``k`` eigenpairs of each symmetric float64 matrix in ``gram`` [T, n, n], descending.
-
-    Returns λ [T, k] and W [T, n, k]. Few pairs (k ≤ n/6) come from SciPy's syevr with an
-    index subset, one matrix at a time (it is not batched); more from ``torch.linalg.eigh``,
-    which computes all n. Both read the lower triangle only.
-    """
-    n = gram.shape[-1]
-    if 0 < k <= SUBSET_SHARE * n:
-        pairs = [
-            scipy.linalg.eigh(
-                g.numpy(), subset_by_index=[n - k, n - 1], driver="evr", check_finite=False
-            )
-            for g in gram
-        ]
-        lam = torch.from_numpy(np.stack([p[0] for p in pairs]))
-        w = torch.from_numpy(np.stack([p[1] for p in pairs]))
-    else:
-        lam, w = torch.linalg.eigh(gram)
-        lam, w = lam[:, n - k :], w[:, :, n - k :]  # k = 0 keeps nothing
-    return lam.flip(-1), w.flip(-1)
-
-
-def top_triplets(task_vectors: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Each task's top-``k`` singular triplets, concatenated task by task.
-
-    ``task_vectors`` is [T, m, n]; returns U [m, T·k], S [T·k] and Vᵀ [T·k, n], the
-    layout of ``sum_u``/``sum_s``/``sum_v`` in the official TSV and Iso-CTS code, in
-    descending order within each task. They come from the float64 Gram eigendecomposition
-    (V from AᵀA, then U = A V / σ; U from AAᵀ when wide) unless some task's k-th
-    eigenvalue is too small to divide by, e.g. that of a zero task vector.
-    """
-    t, m, n = task_vectors.shape
-    tall = m >= n
-    x = task_vectors.double()
-    x = x if tall else x.mT
-    lam, w = top_eigh(x.mT @ x, k)
-    # [:, -1:] and [:, :1] rather than [:, -1] and [:, 0], which k = 0 has not.
-    if bool((lam[:, -1:] > GRAM_RTOL * lam[:, :1]).all()):
-        s = lam.sqrt()
-        other = (x @ w) / s[:, None, :]
-        u, vh = (other, w.mT) if tall else (w, other.mT)
-    else:
-        u, s, vh = svd(task_vectors)
-        u, s, vh = u[:, :, :k], s[:, :k], vh[:, :k, :]
-    dtype = task_vectors.dtype
-    return (
-        u.permute(1, 0, 2).reshape(m, t * k).to(dtype),
-        s.reshape(t * k).to(dtype),
-        vh.reshape(t * k, n).to(dtype),
-    )
+def polars(*matrices: Tensor) -> list[Tensor]:
+    """``polar`` of independent matrices, computed side by side (``parallel_map``)."""
+    if any(m.is_cuda for m in matrices):
+        return [polar(m) for m in matrices]
+    return parallel_map(polar, matrices)

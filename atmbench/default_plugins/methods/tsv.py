@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from atmbench.default_plugins.methods.spectral import alpha_scale, is_matrix, polar, top_triplets
+from atmbench.default_plugins.methods.spectral import alpha_scale, is_matrix, polars, top_triplets
 from atmbench.hookspecs import hookimpl
 from atmbench.method import MergeMethod, TensorContext
 
@@ -37,7 +37,8 @@ def tsv_merge(base: Tensor, task_vectors: Tensor, ctx: TensorContext) -> Tensor:
     if k == 0:
         return torch.zeros_like(base)
     u, s, vh = top_triplets(task_vectors, k)
-    return (polar(u) * s) @ polar(vh)
+    p_u, p_vh = polars(u, vh)
+    return (p_u * s) @ p_vh
 
 
 @hookimpl
