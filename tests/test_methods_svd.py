@@ -222,3 +222,15 @@ def test_svd_retries_in_float64_when_lapack_fails_to_converge(monkeypatch):
     u, s, vh = spectral.svd(matrix)
     assert s.dtype == torch.float32 and torch.allclose(s, torch.tensor([3.0, 2.0]))
     assert torch.allclose((u * s) @ vh, matrix)
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 0)])
+def test_an_empty_matrix_merges_to_an_empty_delta(name, shape):
+    base = {"w": torch.zeros(shape), "b": torch.zeros(2)}
+    experts = {
+        t: {"w": torch.zeros(shape), "b": torch.full((2,), 1.0 + i)} for i, t in enumerate("abc")
+    }
+    merged = atmbench.merge(name, base, experts, alpha=1.0)
+    assert merged["w"].shape == shape
+    assert torch.equal(merged["b"], torch.full((2,), 2.0))  # the mean of the task vectors

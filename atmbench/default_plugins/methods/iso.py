@@ -21,6 +21,15 @@ Decisions, checked against ``tests/data/golden/iso_{c,cts,cts_f05}.safetensors``
   then equals Iso-C); the "other" tensors are the expert's.
 - α defaults to 1 (official config and FusionBench); searched over 0.1 … 3.0 on validation.
 
+Decompositions and error bounds (``spectral``'s module docstring has the details): Iso-C
+takes σ (all of them: σ̄ is the nuclear norm over r) and U Vᵀ of the sum from its float64
+Gram eigendecomposition, accepted while λ_min ≥ 1.5e-8·λ_max (error about ε₆₄·κ², below
+float32 rounding), otherwise from the SVD; the final product X·(XᵀX)^(-1/2) runs in
+float32 only when κ(X) ≤ 10 (relative rounding error about ε₃₂·κ·√n < 1e-5). Iso-CTS's
+task-specific triplets take ``top_triplets``' route (float32 Gram with the a-posteriori
+residual check ‖AᵀU − VΣ‖_F ≤ 3e-5·σ_n, then float64, then the SVD) on each projected task
+side by side, and the polar factors Iso-C's.
+
 Speed: when m ≤ n the sum's left singular vectors form a complete basis of ℝᵐ, so the
 projector I − U_c U_cᵀ is B Bᵀ with B the other m − k = T·n of them, all from one float64
 eigendecomposition of the sum's Gram. Each residual B Bᵀ τ_t then has the triplets of the
