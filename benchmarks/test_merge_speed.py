@@ -42,7 +42,8 @@ def tower(tmp_path_factory):
     files = [directory / f"task{t}.safetensors" for t in range(TASKS)]
     if kept and all(f.exists() for f in [directory / "base.safetensors", *files]):
         return directory, directory / "base.safetensors", files
-    base, files = write_tower(directory)
+    blocks = os.environ.get("ATMBENCH_TOWER_BLOCKS")
+    base, files = write_tower(directory, int(blocks) if blocks else None)
     return directory, base, files
 
 

@@ -18,17 +18,27 @@ from safetensors.torch import save_file
 TASKS = 8
 
 
-def tower_shapes() -> dict[str, torch.Size]:
+def tower_shapes(blocks: int | None = None) -> dict[str, torch.Size]:
+    """The image tower's parameter shapes; with ``blocks``, only its first ``blocks`` of
+    the 12 residual blocks (and every tensor outside them)."""
     import open_clip
 
     model = open_clip.create_model("ViT-B-32")  # random init: no download
-    return {k: v.shape for k, v in model.visual.state_dict().items()}
+    shapes = {k: v.shape for k, v in model.visual.state_dict().items()}
+    if blocks is None:
+        return shapes
+    kept = tuple(f"transformer.resblocks.{i}." for i in range(blocks))
+    return {
+        k: s
+        for k, s in shapes.items()
+        if not k.startswith("transformer.resblocks.") or k.startswith(kept)
+    }
 
 
-def write_tower(directory: Path) -> tuple[Path, list[Path]]:
+def write_tower(directory: Path, blocks: int | None = None) -> tuple[Path, list[Path]]:
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
-    shapes = tower_shapes()
+    shapes = tower_shapes(blocks)
     base = {k: torch.randn(s, generator=generator) * 0.02 for k, s in shapes.items()}
     save_file(base, directory / "base.safetensors")
     files = []
