@@ -94,16 +94,25 @@ def read_header(path: Path) -> dict[str, Entry]:
     return dict(sorted(entries.items(), key=lambda item: item[1].start))
 
 
-def _read_into(path: Path, offset: int, out: Tensor) -> None:
+def _read_into(path: Path, offset: int, out: Tensor, stride: int = 0) -> None:
+    """Fill ``out`` from the file's bytes at ``offset``; with a ``stride`` (bytes), row i
+    of ``out`` from ``offset + i * stride`` (strided rows: one read per row)."""
     view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    pieces = [(0, len(view))]
+    if stride and out.shape[0]:
+        size = len(view) // out.shape[0]
+        pieces = [(i * size, size) for i in range(out.shape[0])]
     fd = os.open(path, os.O_RDONLY)
     try:
-        done = 0
-        while done < len(view):
-            count = os.preadv(fd, [view[done : done + _CHUNK]], offset + done)
-            if count <= 0:
-                raise CheckpointError(f"{path}: truncated at byte {offset + done}")
-            done += count
+        for i, (begin, size) in enumerate(pieces):
+            at = offset + (i * stride if stride else 0)
+            done = 0
+            while done < size:
+                part = view[begin + done : begin + min(size, done + _CHUNK)]
+                count = os.preadv(fd, [part], at + done)
+                if count <= 0:
+                    raise CheckpointError(f"{path}: truncated at byte {at + done}")
+                done += count
     finally:
         os.close(fd)
 
@@ -140,21 +149,20 @@ class CheckpointReader(Mapping[str, Tensor]):
         entry = self.entries[key]
         if rows is None:
             return torch.empty(entry.shape, dtype=entry.dtype, device="meta")
-        shape, start, step = entry.shape, entry.start, 1
+        shape, start, stride = entry.shape, entry.start, 0
         if isinstance(rows, slice) and shape:
             first, last, step = rows.indices(shape[0])
             if step < 1:
                 raise ValueError(f"rows {rows!r}: only increasing slices are read")
             row_bytes = (entry.stop - entry.start) // max(1, shape[0])
-            start += first * row_bytes  # the span's bytes; strided rows picked after
-            shape = (max(0, last - first), *shape[1:])
+            start += first * row_bytes
+            shape = (len(range(first, last, step)), *shape[1:])
+            stride = row_bytes * step if step > 1 else 0  # a sample of rows: only those
         elif rows is not ...:
             raise TypeError(f"rows must be a slice, ... or None, not {rows!r}")
         tensor = torch.empty(shape, dtype=entry.dtype)
         if tensor.numel():
-            _read_into(entry.path, start, tensor)
-        if step != 1:
-            tensor = tensor[::step].clone()
+            _read_into(entry.path, start, tensor, stride)
         return tensor.to(self.device)
 
 

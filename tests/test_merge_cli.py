@@ -160,6 +160,7 @@ def test_reader_reads_blocks_of_rows(models):
         if tensor.dim() > 1:
             assert torch.equal(reader.rows(key, slice(3, 7)), tensor[3:7])
             assert torch.equal(reader.rows(key, slice(None, None, 5)), tensor[::5])
+            assert torch.equal(reader.rows(key, slice(2, 9, 3)), tensor[2:9:3])
         assert reader.rows(key, None).shape == tensor.shape
 
 
