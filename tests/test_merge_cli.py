@@ -249,3 +249,27 @@ def test_api_merge_holds_one_tensor_per_task(monkeypatch, spec):
     atmbench.merge(spec, base, experts)
     one_per_task = 3 * 64 * 32
     assert 0 < peak[0] <= 2 * one_per_task  # all task vectors would be 24x one_per_task
+
+
+@pytest.mark.parametrize("spec", ["ta", "ties", "dare_ties"])
+def test_checkpoints_are_never_held_whole(models, tmp_path, monkeypatch, spec):
+    """What the readers hand out at any time is a few tensors per model, never a model:
+    a model larger than memory merges."""
+    live: weakref.WeakSet = weakref.WeakSet()
+    peak = [0]
+    rows = checkpoints.CheckpointReader.rows
+
+    def counted(self, key, which):
+        tensor = rows(self, key, which)
+        if which is not None:
+            live.add(tensor)
+            peak[0] = max(peak[0], sum(t.nbytes for t in live))
+        return tensor
+
+    monkeypatch.setattr(checkpoints.CheckpointReader, "rows", counted)
+    experts = [str(models[t]) for t in TASKS]
+    atmbench.api.merge_checkpoints(spec, str(models["base"]), experts, tmp_path / "m")
+    largest = max(t.nbytes for t in _tensors(models["base"]).values())
+    model = sum(t.nbytes for t in _tensors(models["base"]).values())
+    assert model > 8 * largest  # a model of many tensors
+    assert 0 < peak[0] <= (len(TASKS) + 2) * largest
