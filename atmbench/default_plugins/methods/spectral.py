@@ -127,11 +127,16 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     Each worker's BLAS/LAPACK calls are single-threaded (SciPy's and NumPy's OpenBLAS
     release the GIL), so two matrices are factorized at once instead of one on two
     threads; on a loaded machine this also avoids multithreaded LAPACK's spinning
-    barriers. Calls from inside a worker run in turn.
+    barriers (one float64 ``syevd`` of 768×768 on a machine with load average ~20 took
+    1.0 – 1.2 s on one thread, 13 – 19 s on two). A single item also runs single-threaded;
+    calls from inside a worker run in turn.
     """
     workers = min(len(items), torch.get_num_threads())
-    if workers <= 1 or getattr(_WORKER, "active", False):
+    if getattr(_WORKER, "active", False):
         return [fn(item) for item in items]
+    if workers <= 1:
+        with threadpool_limits(1, user_api="blas"):
+            return [fn(item) for item in items]
 
     def run(item: T) -> R:
         _WORKER.active = True
@@ -287,14 +292,16 @@ def top_triplets(
 def gram_eigh(x: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues (ascending) and eigenvectors of the float64 Gram xᵀx of [m, n] ``x``.
 
-    On the CPU: ``syrk`` by row blocks side by side, then LAPACK ``syevd``; on a GPU,
-    ``torch.linalg.eigh``.
+    On the CPU: ``syrk`` by row blocks side by side, then single-threaded LAPACK
+    ``syevd``; on a GPU, ``torch.linalg.eigh``.
     """
     if x.is_cuda:
         x64 = x.double()
         return torch.linalg.eigh(x64.mT @ x64)
     x64 = np.ascontiguousarray(x.double().numpy())
-    lam, w = _top_eigh(_gram_parallel(x64), x.shape[1])
+    gram = _gram_parallel(x64)
+    with threadpool_limits(1, user_api="blas"):  # see parallel_map
+        lam, w = _top_eigh(gram, x.shape[1])
     return torch.from_numpy(lam[::-1].copy()), torch.from_numpy(w[:, ::-1].copy())
 
 
