@@ -7,17 +7,25 @@ that needs the same experts reads the same files, memory-mapped.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import safe_open
 from torch import Tensor
 
 from atmbench.cache import DATA, EntryCache, load_entry
 from atmbench.finetune import TrainStats, finetune, state_on_cpu, task_vector
 from atmbench.method import FileTaskVectors, MergeInputError, combine
 from atmbench.seeds import derive
-from atmbench.suite import Benchmark
+from atmbench.suite import PRIVATE, Benchmark, model_for
+
+
+class SharedTaskVectors(FileTaskVectors):
+    """The task vectors of the shared parameters: private ones are stored alongside, unmerged."""
+
+    def keys(self, task: str) -> Iterable[str]:
+        return [k for k in super().keys(task) if not k.startswith(PRIVATE)]
 
 
 @dataclass
@@ -29,11 +37,23 @@ class Experts:
     """Tasks fine-tuned by this call (the rest came from the cache)."""
 
     def vectors(self) -> FileTaskVectors:
-        return FileTaskVectors(self.files)
+        return SharedTaskVectors(self.files)
 
     def state(self, task: str, base: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The expert's full weights θ_t = θ0 + τ_t."""
+        """The expert's shared weights θ_t = θ0 + τ_t."""
         return combine(base, load_entry(self.files[task].parent))
+
+    def private(self) -> dict[str, dict[str, Tensor]]:
+        """task -> the expert's private parameters (empty when the suite has none).
+
+        Reads only those tensors: the shared ones may be a model's worth per task.
+        """
+        found = {}
+        for task, path in self.files.items():
+            with safe_open(str(path), framework="pt") as f:
+                keys = [k for k in f.keys() if k.startswith(PRIVATE)]
+                found[task] = {k[len(PRIVATE) :]: f.get_tensor(k) for k in keys}
+        return found
 
     def total(self) -> TrainStats:
         total = TrainStats()
@@ -48,6 +68,17 @@ def finite(vector: dict[str, Tensor], task: str) -> dict[str, Tensor]:
     if bad:
         raise MergeInputError(f"expert for task {task!r} has NaN or inf weights in {bad[:3]}")
     return vector
+
+
+def split_private(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(shared, private) parts of a stored or imported expert; private keys lose ``PRIVATE``."""
+    shared = {k: v for k, v in tensors.items() if not k.startswith(PRIVATE)}
+    private = {k[len(PRIVATE) :]: v for k, v in tensors.items() if k.startswith(PRIVATE)}
+    return shared, private
+
+
+def with_private(vector: dict[str, Tensor], private: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {**vector, **{PRIVATE + k: v for k, v in private.items()}}
 
 
 def expert_key(bench: Benchmark, task: str, seed: int, source: str | None = None) -> dict:
@@ -92,12 +123,12 @@ def ensure_experts(
 
         def compute(task=task):
             if published is not None:
-                imported = task_vector(published()[task], base)
+                shared, private = split_private(published()[task])
+                imported = with_private(task_vector(shared, base), private)
                 return finite(imported, task), {"steps": 0, "examples": 0}
-            encoder = bench.encoder()
+            model = model_for(bench, task)
             spent = finetune(
-                encoder,
-                bench.head(task),
+                model,
                 bench.dataset(task, "train"),
                 bench.recipe(task),
                 seed=derive(seed, "expert", task),
@@ -106,7 +137,8 @@ def ensure_experts(
             )
             trained.append(task)
             meta = {"steps": spent.steps, "examples": spent.examples}
-            return finite(task_vector(state_on_cpu(encoder), base), task), meta
+            vector = task_vector(state_on_cpu(model.backbone), base)
+            return finite(with_private(vector, model.private_state()), task), meta
 
         key = expert_key(bench, task, seed, source)
         directory, meta, _ = cache.get_or_create(key, compute)

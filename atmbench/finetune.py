@@ -1,4 +1,4 @@
-"""Fine-tuning an image encoder under a frozen head: the one training loop of the project.
+"""Fine-tuning a task model under its task's loss: the one training loop of the project.
 
 Experts, ATM's tuning steps and the multi-task reference all train through
 :func:`finetune`, so "equal compute" comparisons count the same optimizer steps.
@@ -9,13 +9,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from atmbench.heads import Classifier
+if TYPE_CHECKING:
+    from atmbench.suite import TaskModel
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ def _batches(dataset: Dataset, recipe: Recipe, seed: int, device: torch.device):
         generator=generator,
         num_workers=recipe.num_workers,
         pin_memory=device.type == "cuda",
+        collate_fn=getattr(dataset, "collate", None),
         drop_last=len(dataset) > recipe.batch_size,
     )
     while True:
@@ -83,11 +86,11 @@ def _batches(dataset: Dataset, recipe: Recipe, seed: int, device: torch.device):
 
 
 LossFn = Callable[[nn.Module, list[Tensor]], Tensor]
-"""``loss_fn(encoder, batch) -> mean loss``; ``batch[1]`` holds the labels."""
+"""``loss_fn(module, batch) -> mean loss``; ``len(batch[0])`` is the number of examples."""
 
 
 def train(
-    encoder: nn.Module,
+    module: nn.Module,
     loss_fn: LossFn,
     dataset: Dataset,
     recipe: Recipe,
@@ -96,10 +99,14 @@ def train(
     desc: str = "train",
     progress: bool = True,
 ) -> TrainStats:
-    """The optimisation loop every kind of training shares: AdamW, schedule, clipping, AMP."""
-    device = next(encoder.parameters()).device
-    encoder.train()
-    params = [p for p in encoder.parameters() if p.requires_grad]
+    """The optimisation loop every kind of training shares: AdamW, schedule, clipping, AMP.
+
+    Trains every parameter of ``module`` that requires a gradient: a task model's shared
+    backbone and its private modules, never its frozen heads.
+    """
+    device = next(module.parameters()).device
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe, steps))
     stats = TrainStats()
@@ -108,7 +115,7 @@ def train(
     for _ in tqdm(range(steps), desc=desc, leave=False, disable=not progress):
         batch = next(batches)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = loss_fn(encoder, batch)
+            loss = loss_fn(module, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if recipe.grad_clip:
@@ -116,14 +123,13 @@ def train(
         optimizer.step()
         scheduler.step()
         stats.steps += 1
-        stats.examples += len(batch[1])
-    encoder.eval()
+        stats.examples += len(batch[0])
+    module.eval()
     return stats
 
 
 def finetune(
-    encoder: nn.Module,
-    head: nn.Module,
+    model: TaskModel,
     dataset: Dataset,
     recipe: Recipe,
     seed: int,
@@ -131,19 +137,17 @@ def finetune(
     desc: str = "fine-tune",
     progress: bool = True,
 ) -> TrainStats:
-    """Train ``encoder`` in place on ``dataset`` under the frozen ``head``.
+    """Train ``model`` (backbone and private modules) in place under its task's loss.
 
     ``epochs`` overrides the recipe's (ATM spends the budget in slices). A fresh AdamW
     is made each call, as in ATM's official code.
     """
-    model = Classifier(encoder, head)
 
-    def loss_fn(_: nn.Module, batch: list[Tensor]) -> Tensor:
-        images, labels = batch
-        return nn.functional.cross_entropy(model(images).float(), labels)
+    def loss_fn(module: TaskModel, batch: list[Tensor]) -> Tensor:
+        return module.loss(batch)
 
     steps = recipe.steps(len(dataset), epochs)
-    return train(encoder, loss_fn, dataset, recipe, seed, steps, desc, progress)
+    return train(model, loss_fn, dataset, recipe, seed, steps, desc, progress)
 
 
 def task_vector(tuned: dict, base: dict) -> dict:

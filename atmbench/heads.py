@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from atmbench.suite import Batch, TaskModel
+
 
 class CosineHead(nn.Module):
     """logits = scale · cos(feature, class embedding); the class embeddings never train.
@@ -31,16 +33,18 @@ class CosineHead(nn.Module):
             return self.scale * features @ self.weight.T
 
 
-class Classifier(nn.Module):
-    """Encoder + frozen head: what fine-tuning and evaluation run."""
+class Classifier(TaskModel):
+    """An image task's model: the shared encoder and a frozen head (nothing task-private)."""
 
     def __init__(self, encoder: nn.Module, head: nn.Module):
-        super().__init__()
-        self.encoder = encoder
+        super().__init__(encoder)
         self.head = head.requires_grad_(False)
 
-    def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.encoder(images))
+    def features(self, batch: Batch) -> Tensor:
+        return self.backbone(batch[0])
+
+    def logits(self, features: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+        return self.head(features).float(), batch[1]
 
 
 @torch.no_grad()

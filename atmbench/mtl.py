@@ -1,7 +1,7 @@
 """Multi-task learning: the strongest data-using reference row.
 
 The backbone is fine-tuned on all tasks' train splits at once — shuffled mixed batches,
-each example scored by its own task's frozen head — for as many optimizer steps as the
+each example scored by its own task's part of the model — for as many optimizer steps as the
 individual experts take together, so "merge T experts" and "train one model on T tasks"
 spend the same compute. Cached like an expert, as a task vector.
 """
@@ -18,11 +18,11 @@ from atmbench.cache import DATA, EntryCache
 from atmbench.experts import expert_key
 from atmbench.finetune import TrainStats, state_on_cpu, task_vector, train
 from atmbench.seeds import derive
-from atmbench.suite import Benchmark
+from atmbench.suite import IGNORE, PRIVATE, Benchmark, TaskModel
 
 
 class Tagged(Dataset):
-    """A task's dataset whose items carry the task's index: (image, label, task)."""
+    """A task's dataset whose items carry the task's index last: (*item, task)."""
 
     def __init__(self, dataset: Dataset, index: int):
         self.dataset, self.index = dataset, index
@@ -31,24 +31,39 @@ class Tagged(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        image, label = self.dataset[i]
-        return image, label, self.index
+        return (*self.dataset[i], self.index)
 
 
-def routed_loss(heads: list[nn.Module]):
-    """Mean cross-entropy over a mixed batch, each example under its own task's head."""
+class MultiTask(nn.Module):
+    """Every task's model around one shared backbone: what the multi-task run trains.
 
-    def loss_fn(encoder: nn.Module, batch: list[Tensor]) -> Tensor:
-        images, labels, tasks = batch
-        features = encoder(images)
-        total = features.new_zeros((), dtype=torch.float32)
-        for index in tasks.unique().tolist():
-            rows = tasks == index
-            logits = heads[index](features[rows]).float()
-            total = total + nn.functional.cross_entropy(logits, labels[rows], reduction="sum")
-        return total / len(labels)
+    Its parameters are the backbone's once, then each task's private ones.
+    """
 
-    return loss_fn
+    def __init__(self, models: list[TaskModel]):
+        super().__init__()
+        self.models = nn.ModuleList(models)
+
+
+def routed_loss(module: MultiTask, batch: list[Tensor]) -> Tensor:
+    """Mean loss over a mixed batch: the backbone runs once, each task scores its own rows.
+
+    Sums each task's per-position losses and divides by the batch's scored positions, so a
+    mixed batch weighs every position alike, as one task's batch does.
+    """
+    *items, tasks = batch
+    models = module.models
+    features = models[0].features(items)
+    total = features.new_zeros((), dtype=torch.float32)
+    positions = 0
+    for index in tasks.unique().tolist():
+        rows = tasks == index
+        logits, labels = models[index].logits(features[rows], [t[rows] for t in items])
+        total = total + nn.functional.cross_entropy(
+            logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
+        positions += int((labels != IGNORE).sum())
+    return total / max(1, positions)
 
 
 def budget(bench: Benchmark) -> int:
@@ -64,14 +79,14 @@ def ensure_mtl(home: Path, bench: Benchmark, seed: int, progress: bool = True):
     """(task-vector file, train stats) of the multi-task model, trained once per key."""
 
     def compute():
-        encoder = bench.encoder()
+        backbone = bench.backbone()
         data = ConcatDataset(
             [Tagged(bench.dataset(t, "train"), i) for i, t in enumerate(bench.tasks)]
         )
-        heads = [bench.head(t) for t in bench.tasks]
+        module = MultiTask([bench.task_model(t, backbone) for t in bench.tasks])
         spent = train(
-            encoder,
-            routed_loss(heads),
+            module,
+            routed_loss,
             data,
             bench.recipe(bench.tasks[0]),
             seed=derive(seed, "mtl"),
@@ -80,7 +95,20 @@ def ensure_mtl(home: Path, bench: Benchmark, seed: int, progress: bool = True):
             progress=progress,
         )
         meta = {"steps": spent.steps, "examples": spent.examples}
-        return task_vector(state_on_cpu(encoder), bench.base_state()), meta
+        vector = task_vector(state_on_cpu(backbone), bench.base_state())
+        for task, model in zip(bench.tasks, module.models, strict=True):
+            vector.update({f"{PRIVATE}{task}/{k}": v for k, v in model.private_state().items()})
+        return vector, meta
 
     directory, meta, _ = EntryCache(Path(home) / "mtl").get_or_create(mtl_key(bench, seed), compute)
     return directory / DATA, TrainStats(meta["steps"], meta["examples"])
+
+
+def private_of(tensors: dict[str, Tensor], tasks: tuple[str, ...]) -> dict[str, dict[str, Tensor]]:
+    """task -> its private parameters, from a stored multi-task entry."""
+    found: dict[str, dict[str, Tensor]] = {t: {} for t in tasks}
+    for key, value in tensors.items():
+        if key.startswith(PRIVATE):
+            task, name = key[len(PRIVATE) :].split("/", 1)
+            found[task][name] = value
+    return found

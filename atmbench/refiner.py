@@ -29,6 +29,9 @@ class RefineRequest:
     from_base: bool = False
     """True when the refiner is the whole method (``atm`` alone): start from θ0, read
     its ``data_from_base`` split; False when it refines ``start`` (``METHOD+atm``)."""
+    private: Mapping[str, Mapping[str, Tensor]] = field(default_factory=dict)
+    """task -> the private parameters that go with ``start`` (the experts'); a task
+    missing starts from its initial ones."""
 
 
 @dataclass
@@ -37,7 +40,9 @@ class RefineResult:
     stats: dict[str, TrainStats] = field(default_factory=dict)
     """Compute per task."""
     trace: list[dict[str, Any]] = field(default_factory=list)
-    """One record per iteration (accuracies, task-vector cosines, ...)."""
+    """One record per iteration (scores, task-vector cosines, ...)."""
+    private: dict[str, dict[str, Tensor]] | None = None
+    """task -> private parameters that go with ``state``; None: the request's are kept."""
 
 
 @dataclass(frozen=True)

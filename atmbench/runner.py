@@ -17,22 +17,25 @@ from statistics import fmean
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from atmbench import hparams as hp
 from atmbench import registry, statistics
 from atmbench.cache import load_entry
-from atmbench.evaluate import accuracy
+from atmbench.evaluate import score
 from atmbench.experts import Experts, ensure_experts
 from atmbench.finetune import TrainStats
 from atmbench.method import DATA_ACCESS, MergeMethod, combine
-from atmbench.mtl import ensure_mtl
+from atmbench.mtl import ensure_mtl, private_of
 from atmbench.provenance import device_name, git_commit, peak_memory_mb, versions
 from atmbench.refiner import Refiner, RefineRequest, RefineResult
 from atmbench.spec import REFERENCES, Cell, MethodSpec, describe, describe_refiner, parse_spec
 from atmbench.store import CellRecord, ResultStore
 from atmbench.streaming import merged_task_vector
 from atmbench.suite import Benchmark
+
+Private = Mapping[str, Mapping[str, Tensor]]
+"""task -> its private parameters; a task missing starts from its initial ones."""
 
 
 def plan(
@@ -120,39 +123,56 @@ class Workspace:
             if key in self._statistics:
                 continue
             per_task = []
+            private = experts.private()
             for task in bench.tasks:
-                encoder = bench.encoder(experts.state(task, base))
-                per_task.append(statistics.compute(name, bench, encoder, task, seed))
+                backbone = bench.backbone(experts.state(task, base))
+                model = bench.task_model(task, backbone, private[task] or None)
+                per_task.append(statistics.compute(name, bench, model, task, seed))
             self._statistics[key] = {k: torch.stack([s[k] for s in per_task]) for k in per_task[0]}
         return {
             name: self._statistics[bench.suite, bench.model, seed, source, name] for name in names
         }
 
 
-def _accuracies(
-    bench: Benchmark, encoder: nn.Module, splits: Iterable[str], tasks: Iterable[str]
+def _scores(
+    bench: Benchmark,
+    state: Mapping[str, Tensor],
+    splits: Iterable[str],
+    tasks: Iterable[str],
+    private: Private | None = None,
 ) -> dict[tuple[str, str], float]:
+    """(task, split) -> the task's first metric, with one backbone built for all tasks."""
+    backbone = bench.backbone(dict(state))
     workers = getattr(bench, "num_workers", 0)
-    return {
-        (t, s): accuracy(encoder, bench.head(t), bench.dataset(t, s), num_workers=workers)
-        for s in splits
-        for t in tasks
-    }
+    private = private or {}
+    out = {}
+    for t in tasks:
+        model = bench.task_model(t, backbone, dict(private[t]) if private.get(t) else None)
+        for s in splits:
+            out[t, s] = score(model, bench.dataset(t, s), bench.metrics(t), num_workers=workers)
+    return {(t, s): out[t, s] for s in splits for t in tasks}
 
 
 def evaluate_state(
-    bench: Benchmark, state: Mapping[str, Tensor], split: str, tasks: Iterable[str] | None = None
+    bench: Benchmark,
+    state: Mapping[str, Tensor],
+    split: str,
+    tasks: Iterable[str] | None = None,
+    private: Private | None = None,
 ) -> dict[str, float]:
-    """task -> accuracy of ``state`` on one split."""
-    accs = _accuracies(bench, bench.encoder(dict(state)), (split,), tasks or bench.tasks)
-    return {t: a for (t, _), a in accs.items()}
+    """task -> score of ``state`` on one split."""
+    scores = _scores(bench, state, (split,), tuple(tasks or bench.tasks), private)
+    return {t: a for (t, _), a in scores.items()}
 
 
 def evaluate_splits(
-    bench: Benchmark, state: Mapping[str, Tensor], tasks: Iterable[str] | None = None
+    bench: Benchmark,
+    state: Mapping[str, Tensor],
+    tasks: Iterable[str] | None = None,
+    private: Private | None = None,
 ) -> dict[tuple[str, str], float]:
-    """(task, split) -> accuracy on validation and test, with one encoder built."""
-    return _accuracies(bench, bench.encoder(dict(state)), ("val", "test"), tasks or bench.tasks)
+    """(task, split) -> score on validation and test, with one backbone built."""
+    return _scores(bench, state, ("val", "test"), tuple(tasks or bench.tasks), private)
 
 
 @dataclass
@@ -177,13 +197,16 @@ def _references(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
         return Outcome(evaluate_splits(bench, base), {}, "none", TrainStats())
     if cell.spec == "mtl":
         path, spent = ensure_mtl(ws.home, bench, cell.seed, ws.progress)
+        stored = load_entry(path.parent)
+        private = private_of(stored, bench.tasks)
         return Outcome(
-            evaluate_splits(bench, combine(base, load_entry(path.parent))), {}, "train", spent
+            evaluate_splits(bench, combine(base, stored), private=private), {}, "train", spent
         )
     experts = ws.experts(bench, cell.seed, cell.identity.get("experts"))
+    private = experts.private()
     accs = {}
     for task in bench.tasks:
-        accs.update(evaluate_splits(bench, experts.state(task, base), [task]))
+        accs.update(evaluate_splits(bench, experts.state(task, base), [task], private))
     return Outcome(accs, {}, "train", experts.total())
 
 
@@ -195,8 +218,9 @@ def select_on_validation(
     vectors,
     seed: int,
     stats: Mapping[str, Mapping[str, Tensor]] | None = None,
+    private: Private | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any], bool, float]:
-    """Merge with every candidate of the search space; keep the best mean validation accuracy.
+    """Merge with every candidate of the search space; keep the best mean validation score.
 
     The scale coefficient is swept on one merged task vector per other-hyperparameter
     combination. Returns (state, chosen hyperparameters, whether anything was searched,
@@ -222,9 +246,9 @@ def select_on_validation(
             chosen = dict(combo, **({scale.name: value} if scale else {}))
             if not searched:
                 return state, chosen, False, merge_time
-            score = fmean(evaluate_state(bench, state, "val").values())
-            if best is None or score > best[0]:
-                best = (score, state, chosen)
+            mean = fmean(evaluate_state(bench, state, "val", private=private).values())
+            if best is None or mean > best[0]:
+                best = (mean, state, chosen)
     assert best is not None
     return best[1], best[2], True, merge_time
 
@@ -233,7 +257,7 @@ def refine_on_validation(
     bench: Benchmark, refiner: Refiner, fixed: Mapping[str, Any], request: RefineRequest
 ) -> tuple[RefineResult, dict[str, Any], TrainStats]:
     """Refine with every candidate of the refiner's search grid; keep the best mean
-    validation accuracy (the first of equals), as :func:`select_on_validation` does for a
+    validation score (the first of equals), as :func:`select_on_validation` does for a
     method's hyperparameters. ``request.hparams`` is replaced by each candidate.
 
     Returns (the best result, the values of the searched hyperparameters as stored with the
@@ -249,7 +273,8 @@ def refine_on_validation(
             spent += task_stats
         if len(combos) == 1:
             return result, {}, spent
-        mean = fmean(evaluate_state(bench, result.state, "val").values())
+        private = result.private if result.private is not None else request.private
+        mean = fmean(evaluate_state(bench, result.state, "val", private=private).values())
         if best is None or mean > best[0]:
             best = (mean, result, combo)
     assert best is not None
@@ -265,14 +290,23 @@ def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
     stats, chosen, access, trace, merge_time = TrainStats(), {}, "none", None, None
     method = None
     state = base
+    private: Private = {}
     if spec.method:
         method = methods[spec.method.name]
         source = cell.identity.get("experts")
         experts = ws.experts(bench, cell.seed, source)
         stats += experts.total()
+        private = experts.private()
         data_stats = ws.statistics(bench, cell.seed, method.needs, source) if method.needs else None
         state, chosen, searched, merge_time = select_on_validation(
-            bench, method, spec.method.fixed, base, experts.vectors(), cell.seed, data_stats
+            bench,
+            method,
+            spec.method.fixed,
+            base,
+            experts.vectors(),
+            cell.seed,
+            data_stats,
+            private,
         )
         access = _max_access(method.data, "validation" if searched else None)
     method_chosen = dict(chosen)
@@ -289,17 +323,20 @@ def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
             seed=cell.seed,
             progress=ws.progress,
             from_base=from_base,
+            private=private,
         )
         result, refined, spent = refine_on_validation(bench, refiner, part.fixed, request)
         state, trace = result.state, result.trace
         stats += spent
         chosen.update(refined)
+        private = result.private if result.private is not None else private
         access = _max_access(
             access,
             refiner.data_from_base if from_base else refiner.data,
             "validation" if refined else None,
         )
-    return Outcome(evaluate_splits(bench, state), chosen, access, stats, trace, merge_time)
+    scores = evaluate_splits(bench, state, private=private)
+    return Outcome(scores, chosen, access, stats, trace, merge_time)
 
 
 def execute(cell: Cell, ws: Workspace) -> CellRecord:

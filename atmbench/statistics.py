@@ -2,13 +2,15 @@
 
 The runner computes them per task on that task's expert and hands them to the method,
 stacked over tasks, parameter by parameter: methods stay pure tensor functions.
-A statistic is ``fn(bench, encoder, task, seed) -> {parameter name: tensor}``.
+A statistic is ``fn(bench, model, task, seed) -> {parameter name: tensor}`` for a task
+model; its names are those of the shared parameters (``model.backbone``): private ones
+are never merged.
 
 All statistics read the same ``EXAMPLES`` training examples of the task, picked by a
 generator seeded from (cell seed, task), so they are reproducible and never touch
 validation or test data.
 
-- ``fisher``: the diagonal of the model's Fisher information under the task's frozen head,
+- ``fisher``: the diagonal of the model's Fisher information under the task's logits,
   F = E_x E_{y~p(y|x)} (∂ log p(y|x)/∂θ)², the model ("true") Fisher of Matena & Raffel,
   not the empirical one with the data's labels. The inner expectation is estimated with one
   label per example drawn from p(y|x) by a seeded generator (their code's ``y_samples``
@@ -16,7 +18,8 @@ validation or test data.
   measured at 200 s per task for vit-micro on a busy 2-core machine, against a few
   seconds for the vectorised one-label estimate. Squared gradients
   are per example (FusionBench instead squares the gradient of a batch sum of √p·log p,
-  which adds cross terms between examples and classes).
+  which adds cross terms between examples and classes). For a language model every scored
+  position (answer token) draws its own label and an example's log-likelihood sums them.
 - ``gram``: for every weight applied as y = x Pᵀ (``nn.Linear``; the packed
   ``in_proj_weight`` of ``nn.MultiheadAttention``, whose q, k and v rows all see the same
   input in self-attention; its ``out_proj``, fed the attention context), the Gram of its
@@ -41,9 +44,9 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Subset
 
 from atmbench.seeds import derive
-from atmbench.suite import Benchmark
+from atmbench.suite import IGNORE, Benchmark, TaskModel
 
-Statistic = Callable[[Benchmark, nn.Module, str, int], dict[str, Tensor]]
+Statistic = Callable[[Benchmark, TaskModel, str, int], dict[str, Tensor]]
 
 EXAMPLES = 256
 """Training examples per task for every statistic (FusionBench's default for both methods)."""
@@ -58,47 +61,59 @@ def examples(bench: Benchmark, task: str, seed: int, batch_size: int) -> DataLoa
     dataset = bench.dataset(task, "train")
     generator = torch.Generator().manual_seed(derive(seed, "statistics", task))
     order = torch.randperm(len(dataset), generator=generator)[:EXAMPLES]
-    return DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False)
+    collate = getattr(dataset, "collate", None)
+    subset = Subset(dataset, order.tolist())
+    return DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate)
 
 
-def fisher_diagonal(
-    encoder: nn.Module, head: nn.Module, images: Tensor, targets: Tensor
-) -> dict[str, Tensor]:
-    """Σ over examples of (∂ log p(y|x)/∂θ)², per trainable parameter of ``encoder``.
+def fisher_diagonal(model: TaskModel, batch: list[Tensor], targets: Tensor) -> dict[str, Tensor]:
+    """Σ over examples of (∂ log p(y|x)/∂θ)², per trainable shared parameter.
 
-    ``targets`` are one-hot labels [B, classes]. Per-example gradients come from one
+    ``targets`` are one-hot labels of the scored positions ([B, classes], or [B, positions,
+    classes] with zero rows where nothing is scored). Per-example gradients come from one
     vectorised ``torch.func`` pass, not a Python loop.
     """
-    params = {n: p.detach() for n, p in encoder.named_parameters() if p.requires_grad}
+    params = {n: p.detach() for n, p in model.backbone.named_parameters() if p.requires_grad}
 
-    def log_likelihood(values: dict[str, Tensor], image: Tensor, target: Tensor) -> Tensor:
-        logits = head(functional_call(encoder, values, (image[None],)))
+    def log_likelihood(values: dict[str, Tensor], items: list[Tensor], target: Tensor) -> Tensor:
+        named = {f"backbone.{n}": v for n, v in values.items()}
+        logits, _ = functional_call(model, named, ([t[None] for t in items],))
         return (torch.log_softmax(logits.float(), -1)[0] * target).sum()
 
     with warnings.catch_warnings():  # "no batching rule for attention": slower, still exact
         warnings.filterwarnings("ignore", message=".*batching rule.*", category=UserWarning)
-        grads = vmap(grad(log_likelihood), in_dims=(None, 0, 0))(params, images, targets)
+        grads = vmap(grad(log_likelihood), in_dims=(None, 0, 0))(params, batch, targets)
     return {n: g.float().square().sum(0) for n, g in grads.items()}
 
 
-def fisher(bench: Benchmark, encoder: nn.Module, task: str, seed: int) -> dict[str, Tensor]:
+def sampled_targets(logits: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
+    """One-hot labels drawn from the model's own p(y|x) at every scored position."""
+    probs = torch.softmax(logits.float(), -1).cpu()
+    if probs.dim() == 2:
+        drawn = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        return nn.functional.one_hot(drawn, probs.shape[-1]).float()
+    flat = probs.reshape(-1, probs.shape[-1])
+    drawn = torch.multinomial(flat, 1, generator=generator)[:, 0].reshape(probs.shape[:-1])
+    scored = (labels.cpu() != IGNORE).unsqueeze(-1)
+    return nn.functional.one_hot(drawn, probs.shape[-1]).float() * scored
+
+
+def fisher(bench: Benchmark, model: TaskModel, task: str, seed: int) -> dict[str, Tensor]:
     """Mean over the examples, each with one label drawn from the model's own p(y|x)."""
-    head = bench.head(task)
-    encoder.eval()
-    size = sum(p.numel() for p in encoder.parameters())
-    batch = max(1, min(FISHER_BATCH, FISHER_FLOATS // size))
+    model.eval()
+    size = sum(p.numel() for p in model.backbone.parameters())
+    batch_size = max(1, min(FISHER_BATCH, FISHER_FLOATS // size))
     generator = torch.Generator().manual_seed(derive(seed, "fisher", task))
     total: dict[str, Tensor] = {}
     count = 0
-    for images, _ in examples(bench, task, seed, batch_size=batch):
-        images = images.to(bench.device)
+    for batch in examples(bench, task, seed, batch_size=batch_size):
+        batch = [t.to(bench.device) for t in batch]
         with torch.no_grad():
-            probs = torch.softmax(head(encoder(images)).float(), -1).cpu()
-        labels = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        targets = nn.functional.one_hot(labels, probs.shape[-1]).float().to(bench.device)
-        for name, value in fisher_diagonal(encoder, head, images, targets).items():
+            logits, labels = model(batch)
+        targets = sampled_targets(logits, labels, generator).to(bench.device)
+        for name, value in fisher_diagonal(model, batch, targets).items():
             total[name] = total[name] + value if name in total else value
-        count += len(images)
+        count += len(batch[0])
     return {name: (value / count).cpu() for name, value in total.items()}
 
 
@@ -169,11 +184,11 @@ def _recording_pool(vit: VisionTransformer, recorder: _GramRecorder, key: str) -
 
 @torch.no_grad()
 def _grams(
-    bench: Benchmark, encoder: nn.Module, task: str, seed: int
+    bench: Benchmark, model: TaskModel, task: str, seed: int
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(``gram``, ``gram_rows``) of ``encoder`` on the task's statistic examples."""
+    """(``gram``, ``gram_rows``) of the shared weights on the task's statistic examples."""
     columns, rows = _GramRecorder(), _GramRecorder()
-    modules = dict(encoder.named_modules())
+    modules = dict(model.backbone.named_modules())
     attention = {n: m for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
     for name, module in attention.items():
         if module.in_proj_weight is None or module.bias_k is not None or module.add_zero_attn:
@@ -191,27 +206,27 @@ def _grams(
                 stack.enter_context(module.register_forward_pre_hook(hook))
             elif isinstance(module, VisionTransformer) and module.proj is not None:
                 stack.enter_context(_recording_pool(module, rows, prefix + "proj"))
-        encoder.eval()
-        for images, _ in examples(bench, task, seed, batch_size=GRAM_BATCH):
-            encoder(images.to(bench.device))
+        model.eval()
+        for batch in examples(bench, task, seed, batch_size=GRAM_BATCH):
+            model([t.to(bench.device) for t in batch])
     return columns.grams(), rows.grams()
 
 
-def gram(bench: Benchmark, encoder: nn.Module, task: str, seed: int) -> dict[str, Tensor]:
-    return _grams(bench, encoder, task, seed)[0]
+def gram(bench: Benchmark, model: TaskModel, task: str, seed: int) -> dict[str, Tensor]:
+    return _grams(bench, model, task, seed)[0]
 
 
-def gram_rows(bench: Benchmark, encoder: nn.Module, task: str, seed: int) -> dict[str, Tensor]:
-    return _grams(bench, encoder, task, seed)[1]
+def gram_rows(bench: Benchmark, model: TaskModel, task: str, seed: int) -> dict[str, Tensor]:
+    return _grams(bench, model, task, seed)[1]
 
 
 STATISTICS: dict[str, Statistic] = {"fisher": fisher, "gram": gram, "gram_rows": gram_rows}
 
 
 def compute(
-    name: str, bench: Benchmark, encoder: nn.Module, task: str, seed: int
+    name: str, bench: Benchmark, model: TaskModel, task: str, seed: int
 ) -> dict[str, Tensor]:
     if name not in STATISTICS:
         valid = ", ".join(sorted(STATISTICS)) or "none"
         raise ValueError(f"unknown data statistic {name!r} (valid: {valid})")
-    return STATISTICS[name](bench, encoder, task, seed)
+    return STATISTICS[name](bench, model, task, seed)

@@ -1,28 +1,95 @@
-"""The suite contract: what a task suite plugin hands the runner.
+"""The suite contract: what a task suite plugin hands the runner, for every modality.
 
 A :class:`Suite` is the registered, cheap description; ``Suite.load`` builds a
-:class:`Benchmark` for one model (pretrained backbone, frozen heads, datasets,
-fine-tuning recipe), which is what the runner, the fine-tuner and ATM work with.
+:class:`Benchmark` for one model. Per task, a benchmark says
+
+* how to build the model from a state dict: ``backbone(state)`` holds the **shared**
+  parameters — the ones task vectors are taken over and merged, ``base_state()`` is θ0 —
+  and ``task_model(task, backbone, private)`` puts the task's own parts around it;
+* which parameters are **task-private**: ``TaskModel.private``, trained with the task's
+  expert and kept per task, never merged (RoBERTa/GPT-2 classification heads). Frozen
+  heads (CLIP zero-shot, digits8 prototypes) are neither: they are buffers of the task
+  model that never change;
+* the **training loss** (``TaskModel.loss``) that fine-tuning, ``mtl``, ATM and the
+  Fisher/RegMean statistics use;
+* the task's **metrics** (``metrics(task)``; the first is the one stored and ranked).
+
+The runner, fine-tuning, ATM, ``mtl``, the statistics and the leaderboards see suites
+through this contract only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from atmbench.finetune import Recipe
+from atmbench.metrics import Metric
 
 SPLITS = ("train", "val", "test")
+IGNORE = -100
+"""Label of a position that is not scored (prompt tokens, padding), as in ``transformers``."""
+
+Batch = list[Tensor]
+"""A collated batch: the tensors of a task's dataset items, batch dimension first."""
 
 
 class SuiteDataError(RuntimeError):
     """A suite's data or weights are missing; the message says how to get them."""
+
+
+class TaskModel(nn.Module):
+    """One task's model: the shared ``backbone`` and the task's ``private`` modules.
+
+    A forward pass is split in two so that a multi-task batch runs the backbone once:
+    ``features(batch)`` depends on the backbone and the inputs only (the same for every
+    task), ``logits(features, batch)`` is the task's part. Subclasses implement both and
+    ``predict``; ``loss`` is cross-entropy on the logits unless a task says otherwise.
+    """
+
+    def __init__(self, backbone: nn.Module, private: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.private = private if private is not None else nn.ModuleDict()
+
+    def features(self, batch: Batch) -> Any:
+        """The backbone's output on the batch's inputs, batch dimension first."""
+        raise NotImplementedError
+
+    def logits(self, features: Any, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(logits [..., classes], labels [...]) of the scored positions; ``IGNORE`` skips one.
+
+        One position per example for classification, one per answer token for language
+        models: the loss, the Fisher statistic's sampled labels and the classification
+        predictions all read these.
+        """
+        raise NotImplementedError
+
+    def forward(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        return self.logits(self.features(batch), batch)
+
+    def loss(self, batch: Batch, features: Any = None) -> Tensor:
+        """Mean training loss over the batch's scored positions (``features`` if computed)."""
+        logits, labels = self.logits(self.features(batch) if features is None else features, batch)
+        return nn.functional.cross_entropy(
+            logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE
+        )
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> tuple[Sequence, Sequence]:
+        """(predictions, references) of the batch, for the task's metrics: argmax classes."""
+        logits, labels = self(batch)
+        return logits.argmax(-1), labels
+
+    def private_state(self) -> dict[str, Tensor]:
+        """The task-private parameters' values, on the CPU."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.private.state_dict().items()}
 
 
 class Benchmark(Protocol):
@@ -38,22 +105,45 @@ class Benchmark(Protocol):
     device: torch.device
 
     def base_state(self) -> dict[str, Tensor]:
-        """θ0: the pretrained image encoder's state dict, on the CPU."""
+        """θ0: the pretrained shared parameters (what is merged), on the CPU."""
 
-    def encoder(self, state: dict[str, Tensor] | None = None) -> nn.Module:
-        """A fresh image encoder on ``device`` holding ``state`` (θ0 when ``None``)."""
+    def backbone(self, state: dict[str, Tensor] | None = None) -> nn.Module:
+        """A fresh shared module on ``device`` holding ``state`` (θ0 when ``None``)."""
 
-    def head(self, task: str) -> nn.Module:
-        """The task's frozen classification head on ``device``."""
+    def task_model(
+        self, task: str, backbone: nn.Module, private: dict[str, Tensor] | None = None
+    ) -> TaskModel:
+        """The task's model around ``backbone``; ``private``: its private state (None: initial)."""
 
     def dataset(self, task: str, split: str) -> Dataset:
-        """(image, label) pairs of one split: ``train``, ``val`` or ``test``."""
+        """Items of one split (``train``, ``val`` or ``test``) as tuples of tensors.
+
+        A dataset may carry a ``collate`` attribute (a ``DataLoader`` ``collate_fn``).
+        """
 
     def recipe(self, task: str) -> Recipe:
         """How an expert for ``task`` is fine-tuned."""
 
-    # Optional: ``import_experts(source) -> {task: fine-tuned encoder state dict}`` for
-    # suites whose published experts can replace fine-tuning (``--experts SOURCE``).
+    def metrics(self, task: str) -> tuple[Metric, ...]:
+        """The task's metrics; the first is the score stored and ranked."""
+
+    # Optional: ``import_experts(source) -> {task: fine-tuned state dict}`` for suites whose
+    # published experts can replace fine-tuning (``--experts SOURCE``); private parameters
+    # ride along under ``PRIVATE``-prefixed keys.
+
+
+PRIVATE = "private:"
+"""Prefix of a task's private parameters stored with its task vector."""
+
+
+def model_for(
+    bench: Benchmark,
+    task: str,
+    state: dict[str, Tensor] | None = None,
+    private: dict[str, Tensor] | None = None,
+) -> TaskModel:
+    """``task_model(task, backbone(state), private)``: the one-liner most callers need."""
+    return bench.task_model(task, bench.backbone(state), private)
 
 
 @dataclass(frozen=True)

@@ -119,8 +119,9 @@ def main() -> None:
 
     import atmbench
     from atmbench.default_plugins.suites.vision.benchmark import VisionBenchmark
-    from atmbench.evaluate import accuracy
+    from atmbench.evaluate import score
     from atmbench.finetune import Recipe, finetune, state_on_cpu, task_vector
+    from atmbench.metrics import ACCURACY
 
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -137,13 +138,12 @@ def main() -> None:
         tasks=TASKS,
         recipes=dict.fromkeys(TASKS, recipe),
     )
-    ceiling = model_only(bench.encoder(), bench.head(TASKS[0]), steps=20)
+    ceiling = model_only(bench.backbone(), bench.head(TASKS[0]), steps=20)
 
     base = bench.base_state()
     experts, train_s, train_n = {}, 0.0, 0
     finetune(
-        bench.encoder(),
-        bench.head(TASKS[0]),
+        bench.task_model(TASKS[0], bench.backbone()),
         bench.dataset(TASKS[0], "train"),
         recipe,
         0,
@@ -151,14 +151,13 @@ def main() -> None:
         progress=False,
     )
     for task in TASKS:
-        encoder = bench.encoder()
+        encoder = bench.backbone()
         stats = None
 
         def run(encoder=encoder, task=task):
             nonlocal stats
-            stats = finetune(
-                encoder, bench.head(task), bench.dataset(task, "train"), recipe, 0, progress=False
-            )
+            model = bench.task_model(task, encoder)
+            stats = finetune(model, bench.dataset(task, "train"), recipe, 0, progress=False)
 
         train_s += timed(run)
         train_n += stats.examples
@@ -166,11 +165,12 @@ def main() -> None:
     merge_s = timed(lambda: atmbench.merge("ta:lam=0.3", base, experts), sync=False)
     merged = atmbench.merge("ta:lam=0.3", base, experts)
     eval_s, eval_n = 0.0, 0
-    encoder = bench.encoder(merged)
-    accuracy(encoder, bench.head(TASKS[0]), bench.dataset(TASKS[0], "test"))  # warm-up
+    encoder = bench.backbone(merged)
+    models = {t: bench.task_model(t, encoder) for t in TASKS}
+    score(models[TASKS[0]], bench.dataset(TASKS[0], "test"), [ACCURACY])  # warm-up
     for task in TASKS:
         dataset = bench.dataset(task, "test")
-        eval_s += timed(lambda d=dataset, t=task: accuracy(encoder, bench.head(t), d))
+        eval_s += timed(lambda d=dataset, t=task: score(models[t], d, [ACCURACY]))
         eval_n += len(dataset)
     loader_s = 0.0
     for task in TASKS:  # the same evaluation fed by loader workers: what workers would buy

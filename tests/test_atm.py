@@ -16,7 +16,9 @@ from atmbench import analysis, registry, runner
 from atmbench import hparams as hp
 from atmbench.default_plugins.refiners import atm
 from atmbench.finetune import Recipe, finetune, state_on_cpu
+from atmbench.heads import Classifier
 from atmbench.hookspecs import hookimpl
+from atmbench.metrics import ACCURACY
 from atmbench.refiner import RefineRequest, RefineResult
 from atmbench.seeds import derive
 from atmbench.store import ResultStore
@@ -59,13 +61,16 @@ class FakeBenchmark:
     def base_state(self) -> dict[str, Tensor]:
         return {k: v.clone() for k, v in self._base.items()}
 
-    def encoder(self, state: dict[str, Tensor] | None = None) -> nn.Module:
+    def backbone(self, state: dict[str, Tensor] | None = None) -> nn.Module:
         encoder = self._build()
         encoder.load_state_dict(self._base if state is None else state)
         return encoder
 
-    def head(self, task: str) -> nn.Module:
-        return self._heads[task]
+    def task_model(self, task: str, backbone: nn.Module, private=None) -> Classifier:
+        return Classifier(backbone, self._heads[task])
+
+    def metrics(self, task: str):
+        return (ACCURACY,)
 
     def dataset(self, task: str, split: str) -> TensorDataset:
         return self._data[task, split]
@@ -142,10 +147,9 @@ def test_one_iteration_from_the_base_is_task_arithmetic_with_lambda_one_over_t()
     result = _refine(bench, iterations=1)
     experts = {}
     for task in bench.tasks:
-        encoder = bench.encoder()
+        encoder = bench.backbone()
         finetune(
-            encoder,
-            bench.head(task),
+            bench.task_model(task, encoder),
             bench.dataset(task, "train"),
             RECIPE,
             seed=derive(7, "atm", 1, task),
@@ -178,7 +182,7 @@ def test_refinement_never_reads_train_and_starts_from_the_merge():
     # val: 5 examples, batch 4 -> 2 batches per epoch, 1 epoch per iteration, 2 iterations
     assert {t: s.steps for t, s in result.stats.items()} == {"a": 4, "b": 4, "c": 4}
     first = result.trace[0]["accuracy"]
-    assert first == atm._accuracies(spy, start)  # record 0 is METHOD's merge, not θ0
+    assert first == atm._scores(spy, start, {})  # record 0 is METHOD's merge, not θ0
     spy.reads.clear()
     _refine(spy, iterations=1, budget=1.0)
     assert {(t, "train") for t in spy.tasks} <= set(spy.reads)

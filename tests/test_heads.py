@@ -36,7 +36,7 @@ def test_classifier_under_autocast_gives_float32_logits():
     encoder = torch.nn.Linear(64, 64)
     model = Classifier(encoder, head)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(features)
+        logits, _ = model([features, torch.zeros(len(features), dtype=torch.long)])
         encoded = encoder(features)
     assert encoded.dtype == torch.bfloat16 and logits.dtype == torch.float32
     assert torch.equal(logits, head(encoded))  # the head itself ran as outside autocast

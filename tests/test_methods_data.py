@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 
 import atmbench
 from atmbench import registry, statistics
+from atmbench.heads import Classifier
 from atmbench.method import InMemoryTaskVectors, MergeInputError
 from atmbench.spec import SpecError, parse_spec
 from atmbench.streaming import merged_task_vector
@@ -123,20 +124,21 @@ def test_data_methods_declare_their_statistics_and_data():
 
 
 class TinyBench:
-    """The part of a Benchmark the statistics read: a train split, a head, a device."""
+    """The part of a Benchmark the statistics read: a train split and a device."""
 
     device = torch.device("cpu")
 
-    def __init__(self, inputs: torch.Tensor, head: nn.Module | None = None):
+    def __init__(self, inputs: torch.Tensor):
         self._data = TensorDataset(inputs, torch.zeros(len(inputs), dtype=torch.long))
-        self._head = head or nn.Identity()
 
     def dataset(self, task: str, split: str) -> TensorDataset:
         assert split == "train"
         return self._data
 
-    def head(self, task: str) -> nn.Module:
-        return self._head
+
+def _task(model: nn.Module) -> Classifier:
+    """``model`` as a task model's shared part, its outputs taken as logits."""
+    return Classifier(model, nn.Identity())
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -148,13 +150,13 @@ def test_gram_of_linear_layers_is_xtx_of_their_inputs():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     x = torch.randn(10, 3)  # fewer than EXAMPLES: every example is used
-    grams = statistics.compute("gram", TinyBench(x), model, "t", 0)
+    grams = statistics.compute("gram", TinyBench(x), _task(model), "t", 0)
     assert set(grams) == {"0.weight", "2.weight"}
     assert torch.allclose(grams["0.weight"], _gram(x), atol=1e-6)
     with torch.no_grad():
         hidden = torch.relu(model[0](x))
     assert torch.allclose(grams["2.weight"], _gram(hidden), atol=1e-6)
-    assert statistics.compute("gram_rows", TinyBench(x), model, "t", 0) == {}
+    assert statistics.compute("gram_rows", TinyBench(x), _task(model), "t", 0) == {}
 
 
 class SelfAttention(nn.Module):
@@ -172,7 +174,7 @@ def test_gram_of_attention_uses_its_input_and_the_context_out_proj_sees():
     torch.manual_seed(0)
     model = SelfAttention().eval()
     x = torch.randn(6, 5, 4)  # 6 sequences of 5 tokens: 30 rows
-    grams = statistics.compute("gram", TinyBench(x), model, "t", 0)
+    grams = statistics.compute("gram", TinyBench(x), _task(model), "t", 0)
     assert set(grams) == {"attn.in_proj_weight", "attn.out_proj.weight"}
     with torch.no_grad():
         h = model.ln(x)
@@ -189,8 +191,8 @@ def test_gram_rows_of_open_clip_proj_is_the_pooled_features_gram():
         image_size=8, patch_size=4, width=8, layers=1, heads=2, mlp_ratio=2.0, output_dim=6
     ).eval()
     x = torch.randn(5, 3, 8, 8)
-    rows = statistics.compute("gram_rows", TinyBench(x), vit, "t", 0)
-    columns = statistics.compute("gram", TinyBench(x), vit, "t", 0)
+    rows = statistics.compute("gram_rows", TinyBench(x), _task(vit), "t", 0)
+    columns = statistics.compute("gram", TinyBench(x), _task(vit), "t", 0)
     unprojected = copy.deepcopy(vit)
     unprojected.proj = None
     with torch.no_grad():
@@ -210,7 +212,7 @@ def test_fisher_diagonal_is_the_squared_log_likelihood_gradient():
     nn.init.zeros_(model.weight)
     images = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
     targets = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
-    fisher = statistics.fisher_diagonal(model, nn.Identity(), images, targets)
+    fisher = statistics.fisher_diagonal(_task(model), [images, torch.zeros(2)], targets)
     expected = 2 * torch.tensor([[4.0, 16.0], [1.0, 4.0], [1.0, 4.0]]) / 9
     assert torch.allclose(fisher["weight"], expected, atol=1e-6)
 
@@ -219,15 +221,15 @@ def test_fisher_statistic_is_seeded_and_vanishes_for_a_certain_model():
     torch.manual_seed(0)
     model = nn.Linear(2, 3)
     bench = TinyBench(torch.randn(20, 2))
-    first = statistics.compute("fisher", bench, model, "t", 0)
+    first = statistics.compute("fisher", bench, _task(model), "t", 0)
     assert set(first) == {"weight", "bias"} and first["weight"].shape == (3, 2)
-    again = statistics.compute("fisher", bench, model, "t", 0)
+    again = statistics.compute("fisher", bench, _task(model), "t", 0)
     assert all(torch.equal(first[k], v) for k, v in again.items())
     assert (first["weight"] >= 0).all() and first["weight"].sum() > 0
     with torch.no_grad():  # logits (1000, 0, 0): p(y=0) = 1, every gradient e_0 − p = 0
         model.weight.zero_()
         model.bias.copy_(torch.tensor([1000.0, 0.0, 0.0]))
-    certain = statistics.compute("fisher", bench, model, "t", 0)
+    certain = statistics.compute("fisher", bench, _task(model), "t", 0)
     assert all(torch.allclose(v, torch.zeros_like(v)) for v in certain.values())
 
 

@@ -8,7 +8,8 @@ from torch import nn
 from atmbench.config import pick_device
 from atmbench.default_plugins.suites.digits8 import DigitsBenchmark
 from atmbench.experts import ensure_experts
-from atmbench.mtl import budget, ensure_mtl, routed_loss
+from atmbench.heads import Classifier
+from atmbench.mtl import MultiTask, budget, ensure_mtl, routed_loss
 
 
 def test_each_example_is_scored_by_its_own_head():
@@ -18,7 +19,8 @@ def test_each_example_is_scored_by_its_own_head():
     images = torch.randn(5, 4)
     labels = torch.tensor([2, 1, 0, 1, 0])
     tasks = torch.tensor([0, 1, 0, 1, 1])
-    loss = routed_loss(heads)(encoder, [images, labels, tasks])
+    module = MultiTask([Classifier(encoder, h) for h in heads])
+    loss = routed_loss(module, [images, labels, tasks])
     by_hand = (
         sum(
             nn.functional.cross_entropy(heads[t](images[i : i + 1]), labels[i : i + 1])

@@ -11,8 +11,10 @@ from torch.utils.data import TensorDataset
 
 from atmbench import runner
 from atmbench.finetune import Recipe, TrainStats
+from atmbench.heads import Classifier
 from atmbench.hookspecs import hookimpl
 from atmbench.hparams import HParam
+from atmbench.metrics import ACCURACY
 from atmbench.refiner import Refiner, RefineRequest, RefineResult
 from atmbench.spec import SpecError
 from atmbench.store import ResultStore
@@ -41,13 +43,16 @@ class LinearBenchmark:
     def base_state(self) -> dict[str, Tensor]:
         return {k: v.clone() for k, v in self._base.items()}
 
-    def encoder(self, state: dict[str, Tensor] | None = None) -> nn.Module:
+    def backbone(self, state: dict[str, Tensor] | None = None) -> nn.Module:
         encoder = nn.Linear(4, 3, bias=False)
         encoder.load_state_dict(self._base if state is None else state)
         return encoder
 
-    def head(self, task: str) -> nn.Module:
-        return nn.Identity()
+    def task_model(self, task: str, backbone: nn.Module, private=None) -> Classifier:
+        return Classifier(backbone, nn.Identity())
+
+    def metrics(self, task: str):
+        return (ACCURACY,)
 
     def dataset(self, task: str, split: str) -> TensorDataset:
         return self._data[task, split]

@@ -30,13 +30,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from atmbench.evaluate import accuracy
+from atmbench.evaluate import score
 from atmbench.finetune import Recipe, TrainStats, finetune, state_on_cpu
 from atmbench.hookspecs import hookimpl
 from atmbench.hparams import HParam
 from atmbench.refiner import Refiner, RefineRequest, RefineResult
 from atmbench.seeds import derive
 from atmbench.suite import Benchmark
+
+Private = dict[str, dict[str, Tensor]]
 
 HPARAMS = (
     HParam(
@@ -124,10 +126,13 @@ def _floats(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.float() if v.is_floating_point() else v.clone() for k, v in state.items()}
 
 
-def _accuracies(bench: Benchmark, state: dict[str, Tensor]) -> dict[str, dict[str, float]]:
-    encoder = bench.encoder(state)
+def _scores(
+    bench: Benchmark, state: dict[str, Tensor], private: Private
+) -> dict[str, dict[str, float]]:
+    backbone = bench.backbone(state)
+    models = {t: bench.task_model(t, backbone, private.get(t) or None) for t in bench.tasks}
     return {
-        split: {t: accuracy(encoder, bench.head(t), bench.dataset(t, split)) for t in bench.tasks}
+        split: {t: score(models[t], bench.dataset(t, split), bench.metrics(t)) for t in bench.tasks}
         for split in ("val", "test")
     }
 
@@ -136,17 +141,21 @@ def _tune(
     bench: Benchmark,
     task: str,
     current: dict[str, Tensor],
+    private: dict[str, Tensor] | None,
     split: str,
     plan: Plan,
     seed: int,
     desc: str,
     progress: bool,
-) -> tuple[dict[str, Tensor], TrainStats]:
-    """Fine-tune a copy of ``current`` on one task's ``split``; return (τ, compute spent)."""
-    encoder = bench.encoder(current)
+) -> tuple[dict[str, Tensor], dict[str, Tensor], TrainStats]:
+    """Fine-tune a copy of ``current`` on one task's ``split``.
+
+    Returns (τ, the task's tuned private parameters, compute spent): private parameters
+    are not merged, each task carries its own from round to round.
+    """
+    model = bench.task_model(task, bench.backbone(current), private or None)
     spent = finetune(
-        encoder,
-        bench.head(task),
+        model,
         bench.dataset(task, split),
         plan.recipes[task],
         seed=seed,
@@ -154,8 +163,9 @@ def _tune(
         desc=desc,
         progress=progress,
     )
-    tuned = state_on_cpu(encoder)
-    return {k: tuned[k].float() - v for k, v in current.items() if v.is_floating_point()}, spent
+    tuned = state_on_cpu(model.backbone)
+    vector = {k: tuned[k].float() - v for k, v in current.items() if v.is_floating_point()}
+    return vector, model.private_state(), spent
 
 
 def alternate(
@@ -165,20 +175,23 @@ def alternate(
     hparams: Mapping[str, Any],
     seed: int,
     progress: bool = True,
+    private: Mapping[str, Mapping[str, Tensor]] | None = None,
 ) -> RefineResult:
     """The ATM loop from ``start``, tuning on ``split``; the trace's record 0 is the start."""
     plan = make_plan({t: bench.recipe(t) for t in bench.tasks}, hparams)
     dtypes = {k: v.dtype for k, v in start.items()}
     current = _floats(start)
+    privates: Private = {t: dict(v) for t, v in (private or {}).items() if v}
     stats = {t: TrainStats() for t in bench.tasks}
-    trace: list[dict[str, Any]] = [{"iteration": 0, "accuracy": _accuracies(bench, current)}]
+    trace: list[dict[str, Any]] = [{"iteration": 0, "accuracy": _scores(bench, current, privates)}]
     for iteration in range(1, plan.iterations + 1):
         vectors, steps = [], {}
         for task in bench.tasks:
-            vector, spent = _tune(
+            vector, tuned_private, spent = _tune(
                 bench,
                 task,
                 current,
+                privates.get(task),
                 split,
                 plan,
                 derive(seed, "atm", iteration, task),
@@ -186,6 +199,8 @@ def alternate(
                 progress,
             )
             vectors.append(vector)
+            if tuned_private:
+                privates[task] = tuned_private
             stats[task] += spent
             steps[task] = spent.steps
         inner = gram(vectors)
@@ -196,13 +211,13 @@ def alternate(
                 "tasks": list(bench.tasks),
                 "epochs": plan.epochs,
                 "steps": steps,
-                "accuracy": _accuracies(bench, current),
+                "accuracy": _scores(bench, current, privates),
                 "norms": dict(zip(bench.tasks, inner.diagonal().sqrt().tolist(), strict=True)),
                 "cosine": cosines(inner).tolist(),
             }
         )
     state = {k: v.to(dtypes[k]) for k, v in current.items()}
-    return RefineResult(state, stats, trace)
+    return RefineResult(state, stats, trace, privates or None)
 
 
 def refine(request: RefineRequest) -> RefineResult:
@@ -215,6 +230,7 @@ def refine(request: RefineRequest) -> RefineResult:
         request.hparams,
         request.seed,
         request.progress,
+        None if from_base else request.private,
     )
 
 

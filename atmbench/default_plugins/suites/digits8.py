@@ -31,8 +31,9 @@ from torch.utils.data import TensorDataset
 from atmbench.cache import EntryCache, load_entry
 from atmbench.config import show_progress
 from atmbench.finetune import Recipe, finetune, state_on_cpu
-from atmbench.heads import CosineHead, class_prototypes
+from atmbench.heads import Classifier, CosineHead, class_prototypes
 from atmbench.hookspecs import hookimpl
+from atmbench.metrics import ACCURACY, Metric
 from atmbench.suite import Suite
 
 SUITE = "digits8"
@@ -170,8 +171,7 @@ class DigitsBenchmark:
         targets = torch.randn(10, self.config.width, generator=torch.Generator().manual_seed(3))
         head = CosineHead(targets, LOGIT_SCALE).to(self.device)
         stats = finetune(
-            encoder,
-            head,
+            Classifier(encoder, head),
             self._pretrain_data,
             self.config.pretrain,
             seed=0,
@@ -186,7 +186,7 @@ class DigitsBenchmark:
         num_classes = TASKS[task][2]
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(4))
         picked = torch.cat([order[labels[order] == c][:SHOTS] for c in range(num_classes)])
-        encoder = self.encoder().eval()
+        encoder = self.backbone().eval()
         features = encoder(images[picked].to(self.device)).cpu()
         protos = class_prototypes(features, labels[picked], num_classes)
         return CosineHead(protos, LOGIT_SCALE).to(self.device)
@@ -194,13 +194,22 @@ class DigitsBenchmark:
     def base_state(self) -> dict[str, Tensor]:
         return {k: v.clone() for k, v in self._base.items()}
 
-    def encoder(self, state: dict[str, Tensor] | None = None) -> nn.Module:
+    def backbone(self, state: dict[str, Tensor] | None = None) -> nn.Module:
         encoder = _build_encoder(self.config)
         encoder.load_state_dict(self._base if state is None else state)
         return encoder.to(self.device)
 
     def head(self, task: str) -> nn.Module:
         return self._heads[task]
+
+    def task_model(
+        self, task: str, backbone: nn.Module, private: dict[str, Tensor] | None = None
+    ) -> Classifier:
+        """The shared image encoder under the task's frozen head; nothing is private."""
+        return Classifier(backbone, self._heads[task])
+
+    def metrics(self, task: str) -> tuple[Metric, ...]:
+        return (ACCURACY,)
 
     def dataset(self, task: str, split: str) -> TensorDataset:
         return self._data[task, split]

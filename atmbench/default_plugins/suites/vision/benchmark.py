@@ -22,7 +22,8 @@ from atmbench.default_plugins.suites.vision.zeroshot import (
     head_key,
 )
 from atmbench.finetune import Recipe, state_on_cpu
-from atmbench.heads import CosineHead
+from atmbench.heads import Classifier, CosineHead
+from atmbench.metrics import ACCURACY, Metric
 from atmbench.suite import SuiteDataError
 
 VERSION = "2"
@@ -146,7 +147,7 @@ class VisionBenchmark:
     def base_state(self) -> dict[str, Tensor]:
         return {k: v.clone() for k, v in self._base.items()}
 
-    def encoder(self, state: dict[str, Tensor] | None = None) -> nn.Module:
+    def backbone(self, state: dict[str, Tensor] | None = None) -> nn.Module:
         encoder = copy.deepcopy(self._visual)
         encoder.load_state_dict(self._base if state is None else state)
         if self._checkpointing:
@@ -155,6 +156,15 @@ class VisionBenchmark:
 
     def head(self, task: str) -> nn.Module:
         return self._heads[task]
+
+    def task_model(
+        self, task: str, backbone: nn.Module, private: dict[str, Tensor] | None = None
+    ) -> Classifier:
+        """The shared image encoder under the task's frozen head; nothing is private."""
+        return Classifier(backbone, self._heads[task])
+
+    def metrics(self, task: str) -> tuple[Metric, ...]:
+        return (ACCURACY,)
 
     def dataset(self, task: str, split: str) -> data.ImageDataset:
         rows = self._rows[task]
