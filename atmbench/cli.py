@@ -29,6 +29,7 @@ def _friendly(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from atmbench.cache import CacheCorrupt
+        from atmbench.config import HomeError
         from atmbench.hparams import HParamError
         from atmbench.method import MergeInputError
         from atmbench.plugins import PluginError
@@ -42,6 +43,7 @@ def _friendly(fn):
             SuiteDataError,
             MergeInputError,
             CacheCorrupt,
+            HomeError,
             ValueError,
         )
         try:
@@ -99,6 +101,12 @@ def list_command():
 )
 @click.option("--model", default=None, help="Backbone (default: the suite's first model).")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds.")
+@click.option(
+    "--no-mtl",
+    is_flag=True,
+    help="Skip the mtl reference row (a multi-task model trained on all tasks' data: "
+    "the longest step after the experts); pretrained and experts stay.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the grid and exit.")
 @click.option("--force", is_flag=True, help="Recompute cells already in the store.")
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
@@ -134,6 +142,7 @@ def run(
     methods,
     model,
     seeds,
+    no_mtl,
     dry_run,
     force,
     device,
@@ -151,23 +160,22 @@ def run(
     from atmbench.store import ResultStore
 
     execute_cells = executors.get_executor(executor)
-
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise click.BadParameter(
-            f"{seeds!r} is not a comma-separated list of integers", param_hint="--seeds"
-        ) from None
+    explicit_store = store_path is not None
+    seed_list = parse_seeds(seeds)
     cells = runner.plan(suite, model, spec.split_specs(methods), seed_list, experts_source)
+    if no_mtl:
+        cells = [c for c in cells if c.method != "mtl"]
     _warn_plugin_errors()
-    store = ResultStore(store_path or config.default_store())
+    home = config.usable_home()
+    store_path = _writable_store(store_path or config.default_store())
+    store = ResultStore(store_path)
     if dry_run:
-        for line in dry_run_lines(cells, store, config.home(), force):
+        for line in dry_run_lines(cells, store, home, force):
             click.echo(line)
         return
     if quiet:
         os.environ[config.QUIET_ENV] = "1"  # suites' own bars, in worker processes too
-    options = executors.Options(config.home(), device, not quiet, workers, ray_address)
+    options = executors.Options(home, device, not quiet, workers, ray_address)
 
     def report(record):
         status = "ok" if record.status == "ok" else f"FAILED: {record.error}"
@@ -197,18 +205,70 @@ def run(
         f"{len(summary.failed)} failed.",
         err=True,
     )
+    for line in next_steps(store_path, explicit_store, cells):
+        click.echo(line, err=True)
     if summary.failed:
         sys.exit(1)
 
 
+MAX_SEED = 2**32 - 1
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0,1,2`` -> [0, 1, 2]; anything else is a one-line error naming the bad value."""
+    valid = f"comma-separated integers from 0 to {MAX_SEED}, e.g. 0,1,2"
+    seeds = []
+    for part in text.split(","):
+        try:
+            seed = int(part.strip())
+        except ValueError:
+            seed = None
+        if seed is None or not 0 <= seed <= MAX_SEED:
+            raise click.BadParameter(
+                f"{part.strip()!r} is not a valid seed (valid: {valid})", param_hint="--seeds"
+            )
+        seeds.append(seed)
+    return list(dict.fromkeys(seeds))
+
+
+def _writable_store(path: Path) -> Path:
+    """The store's path once its folder is known usable (created if missing)."""
+    from atmbench import config
+
+    config.usable_dir(Path(path).parent)
+    if Path(path).is_dir():
+        raise config.HomeError(f"result store {path} is a directory, not a SQLite file")
+    return Path(path)
+
+
+def next_steps(store_path: Path, explicit_store: bool, cells) -> list[str]:
+    """Where the results are and what to run next, printed after a run's table."""
+    import shlex
+
+    store = ["--store", str(store_path)] if explicit_store else []
+    lines = [
+        f"Results are stored in {store_path} (a re-run skips the cells already there).",
+        "Next: "
+        + shlex.join(["atmbench", "leaderboard", *store, "--out", "my-leaderboard"])
+        + "  (Markdown, CSV, JSON, LaTeX and charts of everything stored)",
+    ]
+    if any("atm" in str(c.method) for c in cells):
+        lines.append(
+            "      "
+            + shlex.join(["atmbench", "analyze", *store, "--out", "figures"])
+            + "  (ATM's accuracy per iteration and task-vector cosines)"
+        )
+    return lines
+
+
 def _leaderboard_invocation(suite, fmt, data, reported, out) -> str:
-    """The render command written atop each document (store and merges left out: they only
-    say where the cells came from, and the run command beside it recomputes them)."""
+    """The render command written atop each document (store, merges and --overwrite left
+    out: they only say where the cells came from and whether files may be replaced)."""
     import shlex
 
     args = ["atmbench", "leaderboard"]
     args += ["--suite", suite] if suite else []
-    args += ["--format", fmt] if fmt != "md" else []
+    args += ["--format", fmt] if fmt and fmt != "md" else []
     args += ["--data", data] if data else []
     args += ["--reported"] if reported else []
     args += ["--out", str(out)] if out else []
@@ -222,9 +282,9 @@ def _leaderboard_invocation(suite, fmt, data, reported, out) -> str:
     "--format",
     "fmt",
     type=click.Choice(["md", "csv", "json", "latex"]),
-    default="md",
-    show_default=True,
-    help="Markdown (with PNG charts under --out), CSV, JSON or LaTeX (booktabs).",
+    default=None,
+    help="What to print: Markdown (default), CSV, JSON or LaTeX (booktabs). "
+    "--out writes every format instead.",
 )
 @click.option(
     "--data",
@@ -249,35 +309,71 @@ def _leaderboard_invocation(suite, fmt, data, reported, out) -> str:
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Write one file per (suite, model) into this directory.",
+    help="Write the whole set into this folder: per (suite, model) .md with PNG charts, "
+    ".csv, .json and .tex. Refuses to replace files that differ, unless --overwrite.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="With --out: replace files that differ (and remove the set's stale charts).",
 )
 @_friendly
-def leaderboard(store_path, suite, fmt, data, reported, merge_files, out):
+def leaderboard(store_path, suite, fmt, data, reported, merge_files, out, overwrite):
     """Re-render leaderboard tables from stored results."""
+    import tempfile
+
+    import pandas as pd
+
     from atmbench import config, exchange
     from atmbench import reported as reported_figures
-    from atmbench.leaderboard import filter_data, publish
+    from atmbench.leaderboard import filter_data, install, render_text, write_set
     from atmbench.store import ResultStore
 
-    store = ResultStore(store_path or config.default_store())
-    for path in merge_files:
-        merged = exchange.merge(store, path)
+    if out and fmt:
+        raise click.UsageError("--out writes every format; --format picks what is printed")
+    if overwrite and not out:
+        raise click.UsageError("--overwrite applies to the files of --out")
+    path = config.existing_store(store_path)
+    if merge_files:
+        path = _writable_store(store_path or config.default_store())
+    store = ResultStore(path) if path else None
+    for merge_file in merge_files:
+        merged = exchange.merge(store, merge_file)
         click.echo(
-            f"merged {path}: {merged.added} cell(s) added, {merged.skipped} already stored",
+            f"merged {merge_file}: {merged.added} cell(s) added, {merged.skipped} already stored",
             err=True,
         )
-    frame = store.frame()
+    frame = (
+        store.frame()
+        if store
+        else pd.DataFrame(columns=["suite", "model", "method", "data_access"])
+    )
     if suite:
         frame = frame[frame.suite == suite]
     if data:
         frame = filter_data(frame, [d.strip() for d in data.split(",") if d.strip()])
     pairs = [p for p in reported_figures.pairs() if not suite or p[0] == suite] if reported else []
     if frame.empty and not pairs:
-        raise click.ClickException("no results stored yet: run 'atmbench run' first")
+        where = store_path or config.default_store()
+        raise click.ClickException(
+            f"no results stored yet{'' if path else f' (no store at {where})'}: "
+            "run 'atmbench run' first"
+        )
     invocation = _leaderboard_invocation(suite, fmt, data, reported, out)
-    cells = store.cells(("ok",)) if out and fmt == "md" else None
-    for path, text in publish(frame, fmt, invocation, out, pairs, cells):
-        click.echo(f"wrote {path}" if path else text)
+    if not out:
+        for text in render_text(frame, fmt or "md", invocation, pairs):
+            click.echo(text)
+        return
+    cells = store.cells(("ok",)) if store else None
+    with tempfile.TemporaryDirectory(prefix="atmbench-leaderboard-") as scratch:
+        names = write_set(frame, invocation, Path(scratch), pairs, cells)
+        done = install(Path(scratch), names, out, overwrite)
+    for written in done.written:
+        click.echo(f"wrote {written}")
+    for removed in done.removed:
+        click.echo(f"removed {removed} (stale: not in this set)")
+    if done.unchanged:
+        click.echo(f"{len(done.unchanged)} file(s) in {out} already up to date", err=True)
 
 
 @cli.command()

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shlex
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -433,21 +435,20 @@ def _curves(cells: pd.DataFrame | None, suite: str, model: str) -> dict[str, lis
     return plots.trace_curves(traces)
 
 
-def publish(
+def render(
     frame: pd.DataFrame,
     fmt: str,
     invocation: str,
-    out: Path | None = None,
     reported_pairs: Sequence[tuple[str, str]] = (),
     cells: pd.DataFrame | None = None,
-) -> list[tuple[Path | None, str]]:
-    """Render every (suite, model) of ``frame``: (file written or None, text) per document.
+    charts: Path | None = None,
+) -> list[tuple[str, str]]:
+    """Every (suite, model) of ``frame`` in one format: (file name, text) per document.
 
-    With ``out`` each table goes to ``<suite>-<model>.<ext>`` there and a Markdown table gets
-    its PNG charts beside it (ATM curves from the traces in ``cells``, the store's cells
-    table). ``reported_pairs`` get a separate "reported, not measured" table, appended to
-    their measured document or alone in ``<suite>-<model>-reported.<ext>``. Without ``out``,
-    JSON tables are returned as one list.
+    With ``charts`` a Markdown table gets its PNG charts written there (ATM curves from the
+    traces in ``cells``, the store's cells table). ``reported_pairs`` get a separate
+    "reported, not measured" table, appended to their measured document or alone in
+    ``<suite>-<model>-reported.<ext>``.
     """
     from atmbench import reported
 
@@ -462,7 +463,7 @@ def publish(
         b = board(group, f"{run_command(group)} && {invocation}")
         cited = (suite, model) in reported_pairs
         if fmt == "md":
-            images = _plots(b, out, _curves(cells, suite, model)) if out else []
+            images = _plots(b, charts, _curves(cells, suite, model)) if charts else []
             extra = reported.render_markdown(suite, model) if cited else ""
             texts.append((f"{b.stem}.md", markdown_document(b, images, extra)))
         elif fmt == "json":
@@ -475,13 +476,102 @@ def publish(
         if (suite, model) not in measured:
             name = f"{suite}-{model}-reported.{FORMATS[fmt]}"
             texts.append((name, _reported_only(suite, model, fmt, invocation)))
-    if out is None:
+    return texts
+
+
+def render_text(
+    frame: pd.DataFrame,
+    fmt: str,
+    invocation: str,
+    reported_pairs: Sequence[tuple[str, str]] = (),
+) -> list[str]:
+    """The documents for standard output; JSON tables as one list."""
+    texts = [text for _, text in render(frame, fmt, invocation, reported_pairs)]
+    return ["[" + ",\n".join(texts) + "]"] if fmt == "json" else texts
+
+
+def family(name: str) -> list[str]:
+    """Every file name a leaderboard folder may hold for the board that ``name`` belongs to.
+
+    Used to find stale members (e.g. an ATM chart the new store no longer draws), so that
+    a folder never mixes one store's table with another's chart.
+    """
+    stem = name.rsplit(".", 1)[0].removesuffix("-atm").removesuffix("-reported")
+    names = [f"{stem}.{ext}" for ext in (*FORMATS.values(), "png")]
+    return names + [f"{stem}-atm.png", f"{stem}-reported.md", f"{stem}-reported.json"]
+
+
+def write_set(
+    frame: pd.DataFrame,
+    invocation: str,
+    folder: Path,
+    reported_pairs: Sequence[tuple[str, str]] = (),
+    cells: pd.DataFrame | None = None,
+) -> list[str]:
+    """The whole set into ``folder``: every format of every table, and the charts.
+
+    Reported figures join the Markdown (alone when nothing was measured for them) and the
+    JSON of measured tables. Returns the file names written.
+    """
+    measured = set(map(tuple, frame[["suite", "model"]].drop_duplicates().to_numpy()))
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for fmt in FORMATS:
+        pairs = reported_pairs if fmt == "md" else ()
         if fmt == "json":
-            return [(None, "[" + ",\n".join(t for _, t in texts) + "]")]
-        return [(None, text) for _, text in texts]
+            pairs = [p for p in reported_pairs if p in measured]
+        for name, text in render(frame, fmt, invocation, pairs, cells, folder):
+            (folder / name).write_text(text if text.endswith("\n") else text + "\n")
+            names.append(name)
+    names += sorted(p.name for p in folder.glob("*.png"))
+    return names
+
+
+class PublishConflict(ValueError):
+    """Files in the output folder differ from what would be written there."""
+
+
+@dataclass(frozen=True)
+class Published:
+    written: list[Path]
+    unchanged: list[Path]
+    removed: list[Path]
+
+
+def install(scratch: Path, names: Sequence[str], out: Path, overwrite: bool) -> Published:
+    """Move the set rendered in ``scratch`` into ``out``, never silently replacing files.
+
+    A file of ``out`` differs if it exists with other bytes, or belongs to a rendered
+    board's family (see :func:`family`) but is not in the new set (it would be stale).
+    Differences raise :class:`PublishConflict` naming them unless ``overwrite``; then they
+    are replaced, and stale members removed, so the folder holds one consistent set.
+    """
+    new = set(names)
+    stale = sorted({f for n in names for f in family(n)} - new)
+    stale = [out / f for f in stale if (out / f).is_file()]
+    changed = [out / n for n in names if (out / n).exists() and not _same(scratch / n, out / n)]
+    if (changed or stale) and not overwrite:
+        listed = ", ".join(p.name for p in [*changed, *stale])
+        raise PublishConflict(
+            f"{out}: {listed} already there and different from what this store renders "
+            f"(not overwritten): pick a new --out folder, or pass --overwrite to replace "
+            f"the whole set"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in texts:
-        (out / name).write_text(text if text.endswith("\n") else text + "\n")
-        written.append((out / name, text))
-    return written
+    written, unchanged = [], []
+    for name in names:
+        target = out / name
+        if target.exists() and _same(scratch / name, target):
+            unchanged.append(target)
+            continue
+        partial = out / f".{name}.partial"
+        shutil.copyfile(scratch / name, partial)
+        os.replace(partial, target)  # a reader never sees half a file
+        written.append(target)
+    for path in stale:
+        path.unlink()
+    return Published(written, unchanged, stale)
+
+
+def _same(a: Path, b: Path) -> bool:
+    return b.is_file() and a.read_bytes() == b.read_bytes()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Regenerate everything under leaderboards/ from scratch (README.md and submissions/ there
-# are kept): the digits8 grid of every registered method and refiner variant, 3 seeds, plus
-# the accepted submissions in leaderboards/submissions/, rendered as Markdown with PNG
+# Regenerate everything under leaderboards/ from a fresh store (README.md and submissions/
+# there are kept): the digits8 grid of every registered method and refiner variant, 3
+# seeds, plus the accepted submissions in leaderboards/submissions/, rendered as Markdown with PNG
 # charts, CSV, JSON and LaTeX, and the papers' reported figures in their own cited
 # "reported, not measured" tables.
 #
@@ -57,10 +57,7 @@ for file in "$OUT"/submissions/*.json "$OUT"/submissions/*.sqlite; do
     merges+=(--merge "$file")
 done
 
-mkdir -p "$OUT"
-find "$OUT" -maxdepth 1 -type f ! -name README.md -delete
-atmbench leaderboard --reported --out "$OUT" ${merges[@]+"${merges[@]}"}
-for format in csv json latex; do
-    atmbench leaderboard --format "$format" --out "$OUT"
-done
+# One call writes the whole set (every format, the charts); --overwrite because replacing
+# the published files is the point here (without it the command refuses to).
+atmbench leaderboard --reported --overwrite --out "$OUT" ${merges[@]+"${merges[@]}"}
 exit "$status"

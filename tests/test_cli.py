@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -38,7 +39,10 @@ def test_list_shows_sources():
         (["--model", "vit-huge"], "unknown model 'vit-huge' for suite 'digits8' (valid: vit-tiny"),
         (["--methods", "ta:lam=-1"], "lam=-1 is invalid: expected a float in [0.0, inf]"),
         (["--methods", "ta:alpha=1"], "ta has no hyperparameter 'alpha' (valid: lam)"),
-        (["--seeds", "a"], "is not a comma-separated list of integers"),
+        (["--seeds", "a"], "'a' is not a valid seed (valid: comma-separated integers from 0 to"),
+        (["--seeds", "0,-1"], "'-1' is not a valid seed (valid: comma-separated integers from 0"),
+        (["--seeds", "1.5"], "'1.5' is not a valid seed"),
+        (["--seeds", ","], "'' is not a valid seed"),
     ],
 )
 def test_bad_input_is_one_line_error(args, message, home):
@@ -47,6 +51,39 @@ def test_bad_input_is_one_line_error(args, message, home):
     assert message in result.output
     assert "Traceback" not in result.output
     assert not (home / "experts").exists()
+
+
+@pytest.mark.parametrize("command", [["run"], ["run", "--dry-run"], ["leaderboard"]])
+@pytest.mark.parametrize("kind", ["file", "under a file", "uncreatable"])
+def test_an_unusable_home_is_one_line_naming_it(command, kind, tmp_path, monkeypatch):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    # /proc takes no new folders, not even from root
+    home = {"file": blocker, "under a file": blocker / "home", "uncreatable": None}[kind]
+    home = home or Path("/proc/atmbench-test/home")
+    monkeypatch.setenv("ATMBENCH_HOME", str(home))
+    result = CliRunner().invoke(cli, [*command, *(TINY if command[0] == "run" else [])])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output
+    if kind == "uncreatable" and command == ["leaderboard"]:  # reading creates nothing
+        assert lines[0].startswith("Error: no results stored yet (no store at /proc/atmbench")
+        return
+    assert lines[0].startswith(f"Error: ATMBENCH_HOME={home} ")
+    what = {"file": "(it is a file)", "under a file": f"({blocker} is a file)"}
+    assert what.get(kind, "cannot be created (") in lines[0]
+    assert blocker.read_text() == "not a directory"
+
+
+def test_leaderboard_on_a_missing_home_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATMBENCH_HOME", str(tmp_path / "nowhere"))
+    result = CliRunner().invoke(cli, ["leaderboard"])
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: no results stored yet (no store at {tmp_path / 'nowhere' / 'results.sqlite'}): "
+        "run 'atmbench run' first\n"
+    )
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_dry_run_prints_the_grid(home):
@@ -58,12 +95,26 @@ def test_dry_run_prints_the_grid(home):
     assert not (home / "experts").exists()
 
 
+def test_no_mtl_leaves_out_only_the_mtl_row(home):
+    result = invoke("run", *TINY, "--methods", "ta", "--seeds", "0,1", "--no-mtl", "--dry-run")
+    lines = [line.split() for line in result.output.splitlines()]
+    methods = sorted(words[3] for words in lines if words[0] == "digits8")
+    assert methods == ["experts", "experts", "pretrained", "pretrained", "ta", "ta"]
+
+
 def test_run_then_rerun_reuses_everything(use_shared_home):
-    first = invoke("run", *TINY, "--methods", "average,ta:lam=0.3")
+    first = CliRunner().invoke(cli, ["run", *TINY, "--methods", "average,ta:lam=0.3"])
     assert first.exit_code == 0, first.output
-    table = first.output
+    table = first.stdout
     assert "| pretrained" in table and "| experts" in table and "| ta:lam=0.3" in table
     assert "norm. avg" in table
+    # after the table: where the results are and what to run next (no ATM cell: no analyze)
+    assert first.stderr.splitlines()[-2:] == [
+        f"Results are stored in {use_shared_home / 'results.sqlite'} "
+        "(a re-run skips the cells already there).",
+        "Next: atmbench leaderboard --out my-leaderboard  "
+        "(Markdown, CSV, JSON, LaTeX and charts of everything stored)",
+    ]
     second = invoke("run", *TINY, "--methods", "average,ta:lam=0.3")
     assert second.exit_code == 0
     assert "0 cell(s) run, 5 reused from the store" in second.output

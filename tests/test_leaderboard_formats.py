@@ -147,7 +147,9 @@ Columns: tasks, `avg` = mean absolute accuracy, `norm. avg` = mean of merged / i
 
 def test_markdown_document_byte_for_byte_with_chart(fixture_store):
     out = invoke("leaderboard", "--store", str(fixture_store), "--out", "boards")
-    assert out.splitlines() == ["wrote boards/s-m.md"]
+    # the whole set: every format, the bar chart and the ta+atm trace's curve
+    names = ["s-m.md", "s-m.csv", "s-m.json", "s-m.tex", "s-m-atm.png", "s-m.png"]
+    assert out.splitlines() == [f"wrote boards/{name}" for name in names]
     text = (fixture_store.parent / "boards" / "s-m.md").read_text()
     assert text == EXPECTED_MD
     for chart in ("s-m.png", "s-m-atm.png"):  # bars; the ta+atm trace's curve
@@ -200,9 +202,14 @@ def test_json_document(fixture_store):
 
 
 def test_latex_booktabs(fixture_store, tmp_path):
-    invoke("leaderboard", "--store", str(fixture_store), "--format", "latex", "--out", "tex")
+    invoke("leaderboard", "--store", str(fixture_store), "--out", "tex")
     text = (tmp_path / "tex" / "s-m.tex").read_text()
-    assert text.startswith("% produced by: atmbench run --suite s --model m")
+    assert text.startswith(
+        "% produced by: atmbench run --suite s --model m --methods ta,ta+atm,fisher --seeds 0,1 "
+        "&& atmbench leaderboard --out tex\n"
+    )
+    printed = invoke("leaderboard", "--store", str(fixture_store), "--format", "latex")
+    assert printed.replace("--format latex", "--out tex") == text + "\n"  # echo adds one
     assert (
         "% reproduce: atmbench run --suite s --model m --methods ta,ta+atm,fisher --seeds 0,1\n"
         in text
