@@ -415,7 +415,8 @@ def _plots(b: Board, out: Path, curves: dict[str, list[float]]) -> list[tuple[st
     bars = plots.task_bars(b.summary, columns, out / f"{b.stem}.png", b.title)
     images = [(f"{b.suite} / {b.model}: test accuracy per task and method", bars.name)]
     if curves:
-        path = plots.atm_curves(curves, out / f"{b.stem}-atm.png", f"{b.suite} / {b.model}")
+        styles = plots.method_styles([*b.summary.index, *curves])
+        path = plots.atm_curves(curves, out / f"{b.stem}-atm.png", f"{b.suite} / {b.model}", styles)
         images.append((f"{b.suite} / {b.model}: ATM test accuracy per iteration", path.name))
     return images
 

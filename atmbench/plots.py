@@ -24,10 +24,51 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+PALETTE = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#e377c2", "#bcbd22", "#17becf",
+    "#fdc086", "#a1d99b", "#556b2f", "#ffb6c1", "#8b008b", "#a6761d", "#fa8072", "#1b9e77",
+    "#e7298a", "#1e90ff", "#393b79", "#b3446c", "#800000", "#e6ab02", "#9e9ac8", "#7b68ee",
+)  # fmt: skip
+"""Method colours: matplotlib's tab10 (without its grey and brown, kept for the reference
+rows), then colours picked farthest-first from matplotlib's named and qualitative colours:
+any two of these and the reference colours are at least 27 apart in CIELAB (ΔE76)."""
+REFERENCE_COLORS = {"pretrained": "#7f7f7f", "experts": "#000000", "mtl": "#8c564b"}
+HATCHES = ("", "//", "..", "xx")
+"""Past the palette's length colours repeat with a hatch (bars) or a dash (lines)."""
+
+
+def method_styles(methods: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """method -> (colour, repeat): references fixed, the others by name in palette order.
+
+    Assigning by sorted name, not by rank, keeps a method's colour the same in a board's
+    bar chart and its ATM chart, and across boards of the same methods.
+    """
+    others = sorted(m for m in set(methods) if m not in REFERENCE_COLORS)
+    styles = {m: (REFERENCE_COLORS[m], 0) for m in methods if m in REFERENCE_COLORS}
+    for i, method in enumerate(others):
+        styles[method] = (PALETTE[i % len(PALETTE)], i // len(PALETTE))
+    return styles
+
+
+def value_floor(low: float) -> float:
+    """Where the accuracy axis starts: 5 points below the lowest bar (its error bar
+    included), rounded down to a multiple of 10, and never below 0.
+
+    Starting at 0 squeezes the range where methods differ into the top of the chart.
+    """
+    return max(0.0, float(np.floor((low - 5.0) / 10.0) * 10.0))
+
+
 def task_bars(summary: pd.DataFrame, columns: Sequence[str], path: Path, title: str) -> Path:
+    """:func:`bars_figure` as a PNG at ``path``."""
+    return _save(bars_figure(summary, columns, title), path)
+
+
+def bars_figure(summary: pd.DataFrame, columns: Sequence[str], title: str) -> Figure:
     """Grouped bars: one group per column (tasks, the average), one bar per method, ± std.
 
-    ``summary`` is a leaderboard table (mean, with the std in ``attrs``).
+    ``summary`` is a leaderboard table (mean, with the std in ``attrs``). The value axis
+    starts near the lowest bar (see :func:`value_floor`), and its label says so.
     """
     std = summary.attrs.get("std", summary * np.nan)[columns].fillna(0.0)
     methods = list(summary.index)
@@ -36,33 +77,30 @@ def task_bars(summary: pd.DataFrame, columns: Sequence[str], path: Path, title: 
     # wide enough for a bar per method in each group, capped for twenty-odd methods
     fig = Figure(figsize=(min(16.0, 2.5 + len(columns) * (0.5 + 0.08 * len(methods))), 5))
     ax = fig.add_subplot()
-    colors = _colormap(len(methods))
+    styles = method_styles(methods)
     for i, method in enumerate(methods):
+        color, repeat = styles[method]
         ax.bar(
             x + (i - (len(methods) - 1) / 2) * width,
             summary.loc[method, columns].to_numpy(dtype=float),
             width,
             yerr=std.loc[method].to_numpy(dtype=float),
             label=method,
-            color=colors[i],
+            color=color,
+            hatch=HATCHES[repeat % len(HATCHES)],
             capsize=1.5,
             error_kw={"linewidth": 0.6},
         )
+    values = summary[columns].to_numpy(dtype=float) - std.to_numpy(dtype=float)
+    floor = value_floor(float(np.nanmin(values))) if np.isfinite(values).any() else 0.0
     ax.set_xticks(x, columns, rotation=30, ha="right")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylabel("test accuracy (%)" + (f", axis from {floor:g}" if floor > 0 else ""))
+    ax.set_ylim(floor, 100)
     ax.set_title(title)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
-
-
-def _colormap(n: int) -> list:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
+    return fig
 
 
 def trace_curves(traces: Mapping[str, Sequence[list[dict[str, Any]]]]) -> dict[str, list[float]]:
@@ -84,12 +122,31 @@ def trace_curves(traces: Mapping[str, Sequence[list[dict[str, Any]]]]) -> dict[s
     return curves
 
 
-def atm_curves(curves: Mapping[str, Sequence[float]], path: Path, title: str) -> Path:
-    """Test accuracy (mean over tasks) against the ATM iteration, one line per method."""
+def atm_curves(
+    curves: Mapping[str, Sequence[float]],
+    path: Path,
+    title: str,
+    styles: Mapping[str, tuple[str, int]] | None = None,
+) -> Path:
+    """Test accuracy (mean over tasks) against the ATM iteration, one line per method.
+
+    ``styles`` (from :func:`method_styles` over the whole board) gives each method the
+    colour it has in the board's bar chart.
+    """
+    styles = styles or method_styles(list(curves))
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     for method, curve in sorted(curves.items()):
-        ax.plot(range(len(curve)), curve, marker="o", markersize=3, label=method)
+        color, repeat = styles[method]
+        ax.plot(
+            range(len(curve)),
+            curve,
+            marker="o",
+            markersize=3,
+            label=method,
+            color=color,
+            linestyle=("-", "--", ":", "-.")[repeat % 4],
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("ATM iteration (0 = start)")
     ax.set_ylabel("mean test accuracy (%)")
