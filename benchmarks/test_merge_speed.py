@@ -150,7 +150,7 @@ def pytest_terminal_summary_lines() -> list[str]:
         "peak anonymous RSS / one model"
     ]
     for name, r in RESULTS.items():
-        if name == "read floor":
+        if name == "read floor" or not {"x_floor", "x_model"} & set(r):
             continue
         lines.append(
             f"{name} | {r.get('x_floor', float('nan')):.2f}x ({r.get('low', float('nan')):.2f}"
