@@ -200,6 +200,9 @@ def run(
     if not frame.empty:
         click.echo(f"\n## {suite} / {cells[0].model}  (test accuracy, %)\n")
         click.echo(render_markdown(table(frame)))
+        gap = _gap_line(frame)
+        if gap:
+            click.echo(f"\n{gap}")
     click.echo(
         f"\n{summary.ran} cell(s) run, {summary.skipped} reused from the store, "
         f"{len(summary.failed)} failed.",
@@ -259,6 +262,19 @@ def next_steps(store_path: Path, explicit_store: bool, cells) -> list[str]:
             + "  (ATM's accuracy per iteration and task-vector cosines)"
         )
     return lines
+
+
+def _gap_line(frame) -> str | None:
+    """Pretrained, best merged and experts' mean test score: the gap merging tries to close."""
+    means = frame.groupby("method").accuracy.mean()
+    if not {"pretrained", "experts"} <= set(means.index):
+        return None
+    merged = means.drop(["pretrained", "experts", "mtl"], errors="ignore")
+    best = f" | best merged {merged.max():.1f} ({merged.idxmax()})" if len(merged) else ""
+    return (
+        f"mean test score: pretrained {means['pretrained']:.1f}{best} "
+        f"| experts {means['experts']:.1f}"
+    )
 
 
 def _leaderboard_invocation(suite, fmt, data, reported, out) -> str:
