@@ -1,0 +1,33 @@
+"""Goldens from FusionBench 0.2.33's own implementations: ``tox -e goldens-fusionbench``.
+
+Writes magmax.safetensors and model_stock_angle.safetensors (RECIPE.md says what each holds).
+"""
+
+from __future__ import annotations
+
+import torch
+from common import TASKS, inputs, module, save
+from fusion_bench.method.magmax.magmax import MagMaxAlgorithm
+from fusion_bench.method.model_stock.model_stock import ModelStock
+from fusion_bench.modelpool import BaseModelPool
+
+
+def pool() -> dict:
+    base, experts = inputs()
+    return {"_pretrained_": module(base)} | {t: module(experts[t]) for t in TASKS}
+
+
+def delta_of(merged: torch.nn.Module) -> dict[str, torch.Tensor]:
+    base, _ = inputs()
+    return {k: v.detach() - base[k] for k, v in merged.state_dict().items()}
+
+
+def main() -> None:
+    with torch.no_grad():
+        save("magmax", delta_of(MagMaxAlgorithm(scaling_factor=1.0).run(pool())))
+        stock = ModelStock(ignore_keys=[]).run(BaseModelPool(pool()))
+        save("model_stock_angle", delta_of(stock))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""MagMax, Model Stock and DELLA: hand-worked examples and the official implementations' outputs.
+
+Goldens: ``tests/data/golden/inputs_clip.safetensors`` (a miniature open_clip tower, four
+tasks, task-vector entries on a 0.01 grid so that equal magnitudes are common) merged by
+FusionBench 0.2.33 and mergekit 0.1.5; scripts in ``tests/data/golden/scripts/``, facts in
+RECIPE.md. Goldens are float64 results stored as float32; we merge in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import atmbench
+from atmbench import registry
+from atmbench.method import InMemoryTaskVectors, TensorContext
+from atmbench.streaming import merged_task_vector
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+TASKS = ("t0", "t1", "t2", "t3")
+
+
+def clip_inputs() -> tuple[dict, dict]:
+    raw = load_file(GOLDEN / "inputs_clip.safetensors")
+    base = {k.removeprefix("base."): v for k, v in raw.items() if k.startswith("base.")}
+    vectors = {t: {k: raw[f"tv.{t}.{k}"] for k in base} for t in TASKS}
+    return base, vectors
+
+
+def golden_delta(name: str, hparams: dict) -> dict:
+    base, vectors = clip_inputs()
+    method = registry.methods()[name]
+    return merged_task_vector(method, base, InMemoryTaskVectors(vectors), hparams)
+
+
+def assert_matches(got: dict, golden: str, atol: float) -> None:
+    expected = load_file(GOLDEN / f"{golden}.safetensors")
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert torch.allclose(got[key], value, atol=atol, rtol=0), (golden, key)
+
+
+def _experts(base: dict, *taus: torch.Tensor) -> dict:
+    return {f"e{i}": {"w": base["w"] + tau} for i, tau in enumerate(taus)}
+
+
+# --- MagMax -------------------------------------------------------------------------------
+
+BASE = {"w": torch.tensor([[1.0, -1.0, 0.0], [2.0, 0.5, 0.0]])}
+
+
+def test_magmax_takes_the_largest_magnitude_and_the_later_task_wins_ties():
+    tau_a = torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.25, 0.0]])
+    tau_b = torch.tensor([[-1.0, 1.0, 0.0], [-4.0, 0.5, 0.0]])
+    tau_c = torch.tensor([[0.5, 2.0, 0.0], [1.0, -0.5, 0.0]])
+    merged = atmbench.merge("magmax:alpha=1", BASE, _experts(BASE, tau_a, tau_b, tau_c))
+    # entry (0,0): |1| = |−1| tie between a and b, c smaller -> b's −1
+    # entry (0,1): |−2| = |2| tie between a and c -> c's +2; (1,1): b 0.5 vs c −0.5 -> c's −0.5
+    tau_max = torch.tensor([[-1.0, 2.0, 0.0], [-4.0, -0.5, 0.0]])
+    assert torch.equal(merged["w"], BASE["w"] + tau_max)
+    default = atmbench.merge("magmax", BASE, _experts(BASE, tau_a, tau_b, tau_c))
+    assert torch.equal(default["w"], BASE["w"] + 0.5 * tau_max)  # α = 0.5, the official value
+
+
+def test_magmax_matches_fusionbench():
+    assert_matches(golden_delta("magmax", {}), "magmax", atol=0.0)  # a selection: exact
+
+
+# --- Model Stock --------------------------------------------------------------------------
+
+ONE = {"w": torch.tensor([1.0, 2.0])}
+
+
+@pytest.mark.parametrize(
+    ("average", "ratio"),
+    [
+        # cosines 0, 1/√2, 1/√2: mean √2/3, t = 3·(√2/3) / (2·(√2/3) + 1)
+        ("cosine", math.sqrt(2) / (1 + 2 * math.sqrt(2) / 3)),
+        # angles 90°, 45°, 45°: mean 60°, cos 0.5, t = 1.5 / 2
+        ("angle", 0.75),
+    ],
+)
+def test_model_stock_ratio_from_the_mean_pairwise_cosine_or_angle(average, ratio):
+    taus = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.0])
+    merged = atmbench.merge(f"model_stock:average={average}", ONE, _experts(ONE, *taus))
+    mean = torch.tensor([2 / 3, 2 / 3])
+    assert torch.allclose(merged["w"], ONE["w"] + ratio * mean, atol=1e-6, rtol=0)
+
+
+def test_model_stock_two_experts_and_the_degenerate_cases():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
+    c = 1 / math.sqrt(2)  # two experts: t = 2c / (c + 1), the paper's formula
+    merged = atmbench.merge("model_stock", ONE, _experts(ONE, a, b))
+    assert torch.allclose(merged["w"], ONE["w"] + 2 * c / (c + 1) * (a + b) / 2, atol=1e-6)
+    for average in ("cosine", "angle"):  # opposite task vectors: denominator 0, θ0 kept
+        spec = f"model_stock:average={average}"
+        assert torch.equal(atmbench.merge(spec, ONE, _experts(ONE, a, -a))["w"], ONE["w"])
+    assert torch.equal(atmbench.merge("model_stock", ONE, _experts(ONE, a))["w"], ONE["w"] + a)
+
+
+@pytest.mark.parametrize("average", ["cosine", "angle"])
+def test_model_stock_matches_mergekit_and_fusionbench(average):
+    # cosine: mergekit 0.1.5; angle: FusionBench 0.2.33 (RECIPE.md)
+    assert_matches(golden_delta("model_stock", {"average": average}), f"model_stock_{average}", 1e-7)
+
+
+# --- DELLA --------------------------------------------------------------------------------
+
+
+def _inject(monkeypatch, uniforms: dict) -> None:
+    """ctx.uniform returns the given draws (keyed ``task.parameter``) instead of its stream."""
+    monkeypatch.setattr(
+        TensorContext, "uniform", lambda self, i, shape: uniforms[f"{self.tasks[i]}.{self.key}"]
+    )
+
+
+def test_della_prunes_by_rank_rescales_elects_and_averages(monkeypatch):
+    base = {"w": torch.zeros(3)}
+    tau_a, tau_b = torch.tensor([0.1, -0.3, 0.2]), torch.tensor([-0.4, 0.1, 0.1])
+    # density 0.5, ε 0.25: ranks 0, 1, 2 keep with p = 0.25, 0.5, 0.75.
+    # a: ranks [0, 2, 1] -> p [.25, .75, .5]; u [.2, .8, .4] keeps [0.1, 0, 0.2], ×(0.6/0.3)
+    # b: ranks [2, 0, 1] (the equal 0.1s ranked in index order) -> p [.75, .25, .5];
+    #    u [.5, .3, .45] keeps [−0.4, 0, 0.1], ×(0.6/0.5)
+    _inject(
+        monkeypatch,
+        {"e0.w": torch.tensor([0.2, 0.8, 0.4]), "e1.w": torch.tensor([0.5, 0.3, 0.45])},
+    )
+    merged = atmbench.merge(
+        "della:density=0.5,epsilon=0.25,lam=1", base, _experts(base, tau_a, tau_b)
+    )
+    # pruned a [0.2, 0, 0.4], b [−0.48, 0, 0.12]: sum [−0.28, 0, 0.52] elects [−, +, +];
+    # entry 0 keeps b alone, entry 1 has no agreeing value, entry 2 the mean of both
+    assert torch.allclose(merged["w"], torch.tensor([-0.48, 0.0, 0.26]), atol=1e-7, rtol=0)
+
+
+def test_della_matches_mergekit_given_its_draws(monkeypatch):
+    _inject(monkeypatch, load_file(GOLDEN / "della_uniforms.safetensors"))
+    assert_matches(golden_delta("della", {"density": 0.5, "epsilon": 0.2}), "della", 1e-7)
+
+
+def test_della_draws_reproducibly_and_keeps_about_density():
+    gen = torch.Generator().manual_seed(0)
+    base = {"w": torch.zeros(64, 256)}
+    experts = {"a": {"w": torch.randn(64, 256, generator=gen)}}
+    one = atmbench.merge("della:density=0.3,epsilon=0.1,lam=1", base, experts, seed=3)
+    again = atmbench.merge("della:density=0.3,epsilon=0.1,lam=1", base, experts, seed=3)
+    other = atmbench.merge("della:density=0.3,epsilon=0.1,lam=1", base, experts, seed=4)
+    assert torch.equal(one["w"], again["w"]) and not torch.equal(one["w"], other["w"])
+    kept = one["w"] != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.01
+    # larger magnitudes are kept more often: p runs from 0.2 to 0.4 along each row's ranks
+    magnitude = experts["a"]["w"].abs()
+    assert magnitude[kept].mean() > magnitude[~kept].mean()
+
+
+def test_della_refuses_an_epsilon_outside_the_density_window():
+    with pytest.raises(ValueError, match=r"epsilon=0.3 is invalid for density=0.2.*< 0.2"):
+        atmbench.merge("della:density=0.2,epsilon=0.3", ONE, _experts(ONE, ONE["w"]))
