@@ -105,7 +105,9 @@ def test_model_stock_two_experts_and_the_degenerate_cases():
 @pytest.mark.parametrize("average", ["cosine", "angle"])
 def test_model_stock_matches_mergekit_and_fusionbench(average):
     # cosine: mergekit 0.1.5; angle: FusionBench 0.2.33 (RECIPE.md)
-    assert_matches(golden_delta("model_stock", {"average": average}), f"model_stock_{average}", 1e-7)
+    assert_matches(
+        golden_delta("model_stock", {"average": average}), f"model_stock_{average}", 1e-7
+    )
 
 
 # --- DELLA --------------------------------------------------------------------------------
@@ -160,3 +162,32 @@ def test_della_draws_reproducibly_and_keeps_about_density():
 def test_della_refuses_an_epsilon_outside_the_density_window():
     with pytest.raises(ValueError, match=r"epsilon=0.3 is invalid for density=0.2.*< 0.2"):
         atmbench.merge("della:density=0.2,epsilon=0.3", ONE, _experts(ONE, ONE["w"]))
+
+
+# --- CART ---------------------------------------------------------------------------------
+
+
+def test_cart_adds_the_low_rank_centred_vectors_to_the_average():
+    base = {"blocks.0.attn.w": torch.zeros(2, 2), "blocks.0.ln_1.bias": torch.zeros(2)}
+    taus = [torch.diag(torch.tensor(d)) for d in ([2.0, 0.0], [0.0, 2.0], [1.0, 0.0])]
+    experts = {
+        f"e{i}": {"blocks.0.attn.w": tau, "blocks.0.ln_1.bias": tau.diagonal().clone()}
+        for i, tau in enumerate(taus)
+    }
+    # mean diag(1, 2/3); centred diag(1, −2/3), diag(−1, 4/3), diag(0, −2/3); k = max(1,
+    # int(0.12·2)) = 1 keeps each one's larger entry: diag(1,0) + diag(0,4/3) + diag(0,−2/3)
+    merged = atmbench.merge("cart", base, experts)  # λ = 2: diag(1, 2/3) + 2·diag(1, 2/3)
+    assert torch.allclose(merged["blocks.0.attn.w"], torch.diag(torch.tensor([3.0, 2.0])))
+    assert torch.allclose(merged["blocks.0.ln_1.bias"], torch.tensor([1.0, 2 / 3]))  # average
+    full = atmbench.merge("cart:rank=1", base, experts)  # full rank: the centred vectors cancel
+    assert torch.allclose(full["blocks.0.attn.w"], torch.diag(torch.tensor([1.0, 2 / 3])))
+    two = atmbench.merge("cart", base, dict(list(experts.items())[:2]))  # T = 2: c_a = −c_b
+    assert torch.allclose(two["blocks.0.attn.w"], torch.eye(2), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("golden", "hparams"), [("cart", {}), ("cart_r05", {"rank": 0.5, "lam": 1.5})]
+)
+def test_cart_matches_the_official_code(golden, hparams):
+    hparams = {"rank": 0.12, "lam": 2.0} | hparams  # the official 8-task config by default
+    assert_matches(golden_delta("cart", hparams), golden, atol=5e-6)  # float32 SVD vs float64
