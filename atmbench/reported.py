@@ -22,6 +22,13 @@ SOURCES = {
     "and Task-Specific Subspaces, ICML 2025, arXiv:2502.04959",
     "ATM paper": "L. Zhou et al., ATM: Improving Model Merging by Alternating Tuning and "
     "Merging, 2024, arXiv:2411.03055",
+    "CART paper": "J. Choi et al., Revisiting Weight Averaging for Model Merging, 2024, "
+    "arXiv:2412.12153 (table in the official repository JH-GEECS/CART)",
+    "WUDI paper": "R. Cheng et al., Whoever Started the Interference Should End It: Guiding "
+    "Data-Free Model Merging via Task Vectors, ICML 2025, arXiv:2503.08099 (table in the "
+    "official repository nathanielyvo/WUDI-Merging)",
+    "FusionBench MagMax docs": "FusionBench documentation, docs/algorithms/magmax.md "
+    "(tanganke/fusion_bench), FusionBench's own runs of MagMax",
 }
 
 
@@ -61,6 +68,21 @@ FIGURES: tuple[ReportedFigure, ...] = (
     _vision8_b32("tsv", "TSV-M", "83.1", "FusionBench", "FusionBench's experts"),
     _vision8_b32("iso_c", "Iso-C", "86.3", "Iso paper"),
     _vision8_b32("iso_cts", "Iso-CTS", "86.2", "Iso paper"),
+    _vision8_b32("cart", "CART", "84.7", "CART paper", "λ 2.0, rank 0.12"),
+    _vision8_b32("wudi", "WUDI-Merging", "85.2", "WUDI paper"),
+    _vision8_b32(
+        "magmax", "MagMax", "70.70", "FusionBench MagMax docs", "α = 0.5, independent experts"
+    ),
+    _vision8_b32("magmax", "MagMax", "71.10", "FusionBench MagMax docs", "best α = 0.6"),
+    ReportedFigure("vision8", "ViT-L-14", "cart", "CART", "92.6", "", "CART paper"),
+    ReportedFigure(
+        "vision14", "ViT-B-32", "cart", "CART", "79.5", "λ 1.5, rank 0.16", "CART paper"
+    ),
+    ReportedFigure("vision14", "ViT-L-14", "cart", "CART", "88.7", "", "CART paper"),
+    ReportedFigure(
+        "vision20", "ViT-B-32", "cart", "CART", "76.3", "λ 1.9, rank 0.32", "CART paper"
+    ),
+    ReportedFigure("vision20", "ViT-L-14", "cart", "CART", "87.9", "", "CART paper"),
     ReportedFigure("vision14", "ViT-B-32", "tsv", "TSV-M", "80.1", "", "TSV paper"),
     ReportedFigure("vision20", "ViT-B-32", "tsv", "TSV-M", "77.1", "", "TSV paper"),
     ReportedFigure(

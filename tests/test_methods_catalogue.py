@@ -191,3 +191,59 @@ def test_cart_adds_the_low_rank_centred_vectors_to_the_average():
 def test_cart_matches_the_official_code(golden, hparams):
     hparams = {"rank": 0.12, "lam": 2.0} | hparams  # the official 8-task config by default
     assert_matches(golden_delta("cart", hparams), golden, atol=5e-6)  # float32 SVD vs float64
+
+
+# --- WUDI ---------------------------------------------------------------------------------
+
+FC, PROJ, BIAS = "blocks.0.mlp.c_fc.weight", "proj", "blocks.0.mlp.c_fc.bias"
+
+
+def _wudi_inputs(*rows: list[float]) -> tuple[dict, dict]:
+    base = {FC: torch.zeros(1, 2), PROJ: torch.zeros(1, 2), BIAS: torch.zeros(2)}
+    experts = {
+        f"e{i}": {FC: torch.tensor([row]), PROJ: torch.tensor([row]), BIAS: torch.tensor(row)}
+        for i, row in enumerate(rows)
+    }
+    return base, experts
+
+
+def test_wudi_first_adam_step_and_which_tensors_it_optimises():
+    base, experts = _wudi_inputs([1.0, 0.0], [1.0, 1.0])
+    # A = τ1ᵀτ1/1 + τ2ᵀτ2/2 = [[1.5, .5], [.5, .5]], B = τ1A1 + τ2A2 = [2, 1]; from the
+    # sum [2, 1] the gradient 2([2, 1]·A − B) = [3, 1]: Adam's first step is −lr·sign(g)
+    one = atmbench.merge("wudi:steps=1", base, experts)
+    assert torch.allclose(one[FC], torch.tensor([[2.0, 1.0]]) - 1e-5, atol=1e-7, rtol=0)
+    assert torch.equal(one[PROJ], base[PROJ]) and torch.equal(one[BIAS], base[BIAS])  # authors
+    fb = atmbench.merge("wudi:steps=1,scope=matrices", base, experts)  # FusionBench's scope
+    assert torch.equal(fb[PROJ], one[FC]) and torch.equal(fb[BIAS], torch.tensor([1.0, 0.5]))
+
+
+def test_wudi_reduces_the_interference_and_keeps_orthogonal_task_vectors_summed():
+    base, experts = _wudi_inputs([1.0, 0.0], [1.0, 1.0])
+    taus = [e[FC] for e in experts.values()]
+
+    def interference(m):
+        return sum(((m - t) @ t.T).square().sum() / t.square().sum() for t in taus)
+
+    merged = atmbench.merge("wudi:steps=300", base, experts)[FC]
+    assert interference(merged) < interference(taus[0] + taus[1]) - 1e-3
+    base, experts = _wudi_inputs([1.0, 0.0], [0.0, -2.0])  # no interference: gradient 0
+    assert torch.equal(atmbench.merge("wudi", base, experts)[FC], torch.tensor([[1.0, -2.0]]))
+
+
+def test_wudi_matches_fusionbench():
+    got = golden_delta("wudi", {"scope": "matrices", "steps": 300})
+    assert_matches(got, "wudi_matrices", atol=3e-6)  # float32 Adam vs float64
+
+
+def test_wudi_blocks_scope_optimises_the_same_way_and_leaves_the_rest_at_the_base():
+    got = golden_delta("wudi", {"scope": "blocks", "steps": 300})
+    expected = load_file(GOLDEN / "wudi_matrices.safetensors")
+    for key, value in got.items():
+        if any(
+            key.endswith(name)
+            for name in ("in_proj_weight", "out_proj.weight", "c_fc.weight", "c_proj.weight")
+        ):
+            assert torch.allclose(value, expected[key], atol=3e-6, rtol=0), key
+        else:
+            assert not value.any(), key

@@ -1,6 +1,6 @@
 """Goldens from FusionBench 0.2.33's own implementations: ``tox -e goldens-fusionbench``.
 
-Writes magmax.safetensors and model_stock_angle.safetensors (RECIPE.md says what each holds).
+Writes magmax.safetensors, model_stock_angle.safetensors and wudi_matrices.safetensors (RECIPE.md says what each holds).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import torch
 from common import TASKS, inputs, module, save
 from fusion_bench.method.magmax.magmax import MagMaxAlgorithm
 from fusion_bench.method.model_stock.model_stock import ModelStock
+from fusion_bench.method.wudi.wudi import wudi_merging
 from fusion_bench.modelpool import BaseModelPool
 
 
@@ -27,6 +28,10 @@ def main() -> None:
         save("magmax", delta_of(MagMaxAlgorithm(scaling_factor=1.0).run(pool())))
         stock = ModelStock(ignore_keys=[]).run(BaseModelPool(pool()))
         save("model_stock_angle", delta_of(stock))
+    base, experts = inputs()
+    vectors = [{k: experts[t][k] - base[k] for k in base} for t in TASKS]
+    merged = wudi_merging(vectors, accelerator="cpu", iter_num=300)  # the function's default
+    save("wudi_matrices", {k: v.detach() for k, v in merged.items()})
 
 
 if __name__ == "__main__":
