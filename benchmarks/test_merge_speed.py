@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tower import TASKS, merge_once, read_all, write_tower  # noqa: E402
 
 DATA_FREE = sorted(n for n, m in atmbench.methods().items() if m.data == "none" and not m.needs)
-SVD = {"tsv", "iso_c", "iso_cts"}
+SVD = {"tsv", "iso_c", "iso_cts", "cart", "wudi"}
+"""Whole-tensor methods with SVDs or optimisation (WUDI: 300 Adam steps per matrix): one round."""
 RESULTS: dict[str, dict[str, float]] = {}
 
 
