@@ -1,6 +1,6 @@
 """Goldens from FusionBench 0.2.33's own implementations: ``tox -e goldens-fusionbench``.
 
-Writes magmax.safetensors, model_stock_angle.safetensors and wudi_matrices.safetensors (RECIPE.md says what each holds).
+Writes magmax, model_stock_angle and wudi_matrices .safetensors (RECIPE.md says what each holds).
 """
 
 from __future__ import annotations
