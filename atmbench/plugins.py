@@ -4,7 +4,9 @@ Built-in methods, refiners and suites are declared as entry points of the ``atmb
 distribution itself (see pyproject.toml), so the path a third-party package takes is the
 path every run of ours exercises. A plugin that fails to import, raises while
 registering, or registers a name that is already taken is reported once, by name, and
-skipped; the others keep working.
+skipped; the others keep working. A failure inside one hook drops that hook's items only
+(a plugin whose ``register_methods`` clashes keeps its refiners and suites). An unknown
+name is then explained by the failure that most likely dropped it (:func:`explain`).
 """
 
 from __future__ import annotations
@@ -53,8 +55,37 @@ class Registered:
     source: Source
 
 
+@dataclass(frozen=True)
+class Failure:
+    """A plugin that failed to import (``hook`` is None) or failed in one of its hooks."""
+
+    plugin: str
+    source: Source
+    hook: str | None
+    reason: str
+    """``ExceptionType: message``."""
+    names: tuple[str, ...] = ()
+    """The names the failed hook registered, or tried to, before it failed: all dropped."""
+
+    def __str__(self) -> str:
+        if self.hook is None:
+            where = f"{self.source.package} {self.source.version}"
+            return f"plugin {self.plugin!r} from {where} failed to import: {self.reason}"
+        return f"plugin {self.plugin!r} ({self.source}) failed in {self.hook}: {self.reason}"
+
+    def concerns(self, name: str) -> bool:
+        """True if this failure plausibly dropped an item called ``name``."""
+        if name in self.names:
+            return True
+        if self.hook is not None:
+            return False
+        squashed = name.replace("_", "").replace("-", "")
+        candidates = (self.plugin, self.source.package)
+        return any(squashed in c.replace("_", "").replace("-", "") for c in candidates)
+
+
 _sources: dict[str, Source] = {}
-_errors: list[str] = []
+_errors: list[Failure] = []
 _loaded = False
 
 
@@ -79,10 +110,8 @@ def load_plugins() -> None:
         try:
             module = ep.load()
         except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's, report it
-            _errors.append(
-                f"plugin {ep.name!r} from {package} {version} failed to import: "
-                f"{type(exc).__name__}: {exc}"
-            )
+            source = Source(ep.name, package, version)
+            _errors.append(Failure(ep.name, source, None, f"{type(exc).__name__}: {exc}"))
             continue
         register_plugin(module, ep.name, package=package, version=version)
     if not found_builtin:
@@ -104,9 +133,30 @@ def unregister_plugin(name: str) -> None:
 
 
 def errors() -> list[str]:
-    """One line per plugin that failed to load or to register an item."""
+    """One line per plugin that failed to load or to register an item.
+
+    Hook failures are found when a hook's items are collected (:func:`collect`), so the
+    list is complete once the registry has collected all three hooks.
+    """
+    return [str(f) for f in failures()]
+
+
+def failures() -> list[Failure]:
+    """The failures behind :func:`errors`, with what each dropped."""
     load_plugins()
     return list(_errors)
+
+
+def explain(name: str) -> str:
+    """Why ``name`` may be missing: the failures that concern it, else every failure, as
+    text to append to an "unknown ..." message ("" when every plugin loaded)."""
+    found = failures()
+    related = [f for f in found if f.concerns(name)]
+    if related:
+        return " (" + "; ".join(map(str, related)) + ")"
+    if found:
+        return f" ({len(found)} plugin(s) failed to load: " + "; ".join(map(str, found)) + ")"
+    return ""
 
 
 def _impls_in_order(hook_name: str) -> Iterator[tuple[str, Callable]]:
@@ -135,8 +185,11 @@ def collect(hook_name: str, kind: type, noun: str) -> dict[str, Registered]:
     for plugin_name, function in _impls_in_order(hook_name):
         source = _source(plugin_name)
         pending: dict[str, Registered] = {}
+        attempted: list[str] = []
 
-        def register(item: object, _pending=pending, _source=source) -> None:
+        def register(item: object, _pending=pending, _source=source, _tried=attempted) -> None:
+            if isinstance(getattr(item, "name", None), str):
+                _tried.append(item.name)
             if not isinstance(item, kind):
                 raise PluginError(
                     f"register() expects a {kind.__name__}, got {type(item).__name__}"
@@ -152,9 +205,10 @@ def collect(hook_name: str, kind: type, noun: str) -> dict[str, Registered]:
         try:
             function(register=register)
         except Exception as exc:  # noqa: BLE001 - a plugin's bug is reported, not fatal
-            message = f"plugin {plugin_name!r} ({source}) failed in {hook_name}: {exc}"
-            if message not in _errors:
-                _errors.append(message)
+            reason = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+            failure = Failure(plugin_name, source, hook_name, reason, tuple(attempted))
+            if failure not in _errors:
+                _errors.append(failure)
             continue
         items.update(pending)
     return items

@@ -39,5 +39,7 @@ def suites() -> dict[str, Suite]:
 def get_suite(name: str) -> Suite:
     available = suites()
     if name not in available:
-        raise ValueError(f"unknown suite {name!r} (valid: {', '.join(sorted(available))})")
+        raise ValueError(
+            f"unknown suite {name!r}{plugins.explain(name)} (valid: {', '.join(sorted(available))})"
+        )
     return available[name]

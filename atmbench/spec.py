@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from atmbench import plugins
 from atmbench.cache import key_hash
 from atmbench.hparams import HParamError, resolve
 from atmbench.method import MergeMethod
@@ -96,12 +97,16 @@ def parse_spec(
         valid = sorted([*methods, *aliases]) + sorted(
             n for n, r in refiners.items() if r.data_from_base
         )
-        raise SpecError(f"unknown method {head_name!r} (valid: {', '.join(valid)})")
+        raise SpecError(
+            f"unknown method {head_name!r}{plugins.explain(head_name)} (valid: {', '.join(valid)})"
+        )
     parts = []
     for name, args in rest:
         if name not in refiners:
             valid = ", ".join(sorted(refiners)) or "none"
-            raise SpecError(f"unknown refiner {name!r} in {text!r} (valid: {valid})")
+            raise SpecError(
+                f"unknown refiner {name!r}{plugins.explain(name)} in {text!r} (valid: {valid})"
+            )
         parts.append(Part(name, _checked(refiners[name].hparams, args, name)))
     return MethodSpec(method, tuple(parts))
 

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 import atmbench
-from atmbench import hookspecs, plugins
+from atmbench import hookspecs, plugins, runner
+from atmbench.cli import cli
 from atmbench.hookspecs import hookimpl
 from atmbench.method import MergeMethod
 from atmbench.refiner import Refiner, RefineResult
+from atmbench.spec import SpecError
 from atmbench.suite import Suite
 
 
@@ -132,6 +135,78 @@ def test_entry_point_that_fails_to_import_is_reported(fresh_plugin_state, monkey
     (line,) = plugins.errors()
     assert line.startswith("plugin 'broken_ep'") and "failed to import" in line
     assert "ta" in atmbench.methods()
+
+
+def _with_broken_entry_point(monkeypatch, name="magmax", module="atmbench_no_such_module_xyz"):
+    real = plugins.entry_points
+    monkeypatch.setattr(
+        plugins, "entry_points", lambda group: [*real(group=group), EntryPoint(name, module, group)]
+    )
+
+
+def test_an_unknown_method_names_the_plugin_that_failed_to_import(fresh_plugin_state, monkeypatch):
+    _with_broken_entry_point(monkeypatch)
+    with pytest.raises(SpecError) as info:
+        runner.plan("digits8", None, ["ta", "magmax"], [0])
+    message = str(info.value)
+    assert message.startswith(
+        "unknown method 'magmax' (plugin 'magmax' from ? ? failed to import: "
+        "ModuleNotFoundError: No module named 'atmbench_no_such_module_xyz') (valid: "
+    )
+    assert "\n" not in message
+    # a name no failure concerns still lists every failure: it may be the cause
+    with pytest.raises(SpecError, match=r"unknown method 'zzz' \(1 plugin\(s\) failed to load: "):
+        runner.plan("digits8", None, ["zzz"], [0])
+    with pytest.raises(SpecError, match=r"unknown refiner 'magmax' \(plugin 'magmax' from"):
+        runner.plan("digits8", None, ["ta+magmax"], [0])
+    with pytest.raises(ValueError, match=r"unknown suite 'magmax' \(plugin 'magmax' from"):
+        atmbench.registry.get_suite("magmax")
+
+
+def test_the_cli_names_the_failed_plugin_in_one_line(fresh_plugin_state, monkeypatch, home):
+    _with_broken_entry_point(monkeypatch)
+    result = CliRunner().invoke(cli, ["run", "--methods", "ta,magmax", "--dry-run"])
+    assert result.exit_code == 1
+    (line,) = [row for row in result.output.splitlines() if row.startswith("Error")]
+    assert "unknown method 'magmax' (plugin 'magmax' from ? ? failed to import: " in line
+    result = CliRunner().invoke(cli, ["list"])
+    assert result.exit_code == 0
+    assert "Warning: plugin 'magmax' from ? ? failed to import: ModuleNotFoundError" in (
+        result.output
+    )
+
+
+def test_an_unknown_method_names_the_hook_that_dropped_it(register, fresh_plugin_state):
+    class Broken:
+        @hookimpl
+        def register_methods(self, register):
+            register(MergeMethod(name="magmax", merge=_double, data="none"))
+            raise RuntimeError("boom")
+
+    with register(Broken(), "broken"), pytest.raises(SpecError) as info:
+        runner.plan("digits8", None, ["magmax"], [0])
+    assert str(info.value).startswith(
+        "unknown method 'magmax' (plugin 'broken' (test-broken 0.0 (broken)) failed in "
+        "register_methods: RuntimeError: boom) (valid: "
+    )
+
+
+def test_a_clash_in_one_hook_drops_only_that_hooks_items(register, fresh_plugin_state):
+    class Clash:
+        @hookimpl
+        def register_methods(self, register):
+            register(MergeMethod(name="mine", merge=_double, data="none"))
+            register(MergeMethod(name="ta", merge=_double, data="none"))
+
+        @hookimpl
+        def register_refiners(self, register):
+            register(Refiner("mine_refiner", lambda req: RefineResult(req.start), data="none"))
+
+    with register(Clash(), "clash"):
+        assert "mine" not in atmbench.methods()  # the whole hook is dropped, not just 'ta'
+        assert "mine_refiner" in atmbench.refiners()  # the plugin's other hooks stay
+        with pytest.raises(SpecError, match=r"'mine' .*'ta' is already registered by atmbench"):
+            runner.plan("digits8", None, ["mine"], [0])
 
 
 def test_allow_list_skips_unlisted_third_party_entry_points(fresh_plugin_state, monkeypatch):
