@@ -6,6 +6,8 @@ installed) are checked without touching this file.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -71,6 +73,20 @@ def test_the_kit_catches_a_broken_method(merge, check, message):
     with pytest.raises(ConformanceError, match=message) as info:
         check_method(_method(merge))
     assert f"check {check}" in str(info.value)
+
+
+def test_a_false_rowwise_claim_is_caught():
+    """Normalising by a whole-tensor statistic is not rowwise: each block would use its own."""
+    method = _method(lambda b, tv, ctx: tv.sum(0) / tv.std().clamp_min(1e-6), rowwise=True)
+    with pytest.raises(ConformanceError, match=r"check rowwise: declares rowwise=True, but"):
+        check_method(method)
+    honest = dataclasses.replace(method, rowwise=False)
+    assert check_method(honest)["rowwise"] == "skipped: the method does not declare rowwise=True"
+    per_row = _method(
+        lambda b, tv, ctx: tv.sum(0) / tv.std(dim=(0, -1), keepdim=True)[0].clamp_min(1e-6),
+        rowwise=True,
+    )
+    assert check_method(per_row)["rowwise"] == "passed"
 
 
 def test_an_empty_prepare_crash_is_caught():

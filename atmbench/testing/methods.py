@@ -28,6 +28,7 @@ argument; without one, the checks that merge are skipped with the reason.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from atmbench import registry
 from atmbench.finetune import task_vector
 from atmbench.method import DATA_ACCESS, InMemoryTaskVectors, MergeInputError, MergeMethod, combine
 from atmbench.plugins import NAME_RE
-from atmbench.streaming import merged_task_vector
+from atmbench.streaming import BLOCK, merged_task_vector
 
 State = dict[str, Tensor]
 StatisticFactory = Callable[[Mapping[str, Tensor], tuple[str, ...]], Mapping[str, Tensor]]
@@ -363,6 +364,50 @@ def check_public_api(s: Subject) -> None:
         _fail("atmbench.merge differs from merged_task_vector + combine")
 
 
+ROWWISE_KEY = "transformer.resblocks.0.mlp.c_fc.weight"
+ROWWISE_COLUMNS = 64
+ROWWISE_BLOCKS = 4
+
+
+def rowwise_model(tasks: int = 3, seed: int = 0) -> tuple[State, dict[str, State]]:
+    """One [rows, 64] parameter that the streaming loop cuts into 4 row blocks, the last one
+    short, whose rows' scales span e^-3 .. e^3: any statistic of the whole tensor (a norm,
+    a quantile, a standard deviation) differs from the same statistic of one block."""
+    step = max(1, BLOCK // ROWWISE_COLUMNS)
+    rows = (ROWWISE_BLOCKS - 1) * step + step // 2 + 1
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(-3.0, 3.0, rows).exp()[:, None]
+    base = {ROWWISE_KEY: torch.randn(rows, ROWWISE_COLUMNS, generator=gen)}
+    experts = {
+        f"task{t}": {
+            k: v + 0.1 * scale * torch.randn(v.shape, generator=gen) for k, v in base.items()
+        }
+        for t in range(tasks)
+    }
+    return base, experts
+
+
+def check_rowwise(s: Subject) -> None:
+    """A method that declares ``rowwise=True`` merges a parameter that the loop cuts into
+    row blocks exactly as it merges it whole (the claim the blocked loop relies on)."""
+    if not s.method.rowwise:
+        raise ConformanceSkip("the method does not declare rowwise=True")
+    base, experts = rowwise_model()
+    vectors = InMemoryTaskVectors({t: task_vector(e, base) for t, e in experts.items()})
+    stats = s.stats(base, vectors.tasks)
+    hparams = s.merge_hparams()
+    blocked = merged_task_vector(s.method, base, vectors, hparams, 5, stats)[ROWWISE_KEY]
+    whole_method = dataclasses.replace(s.method, rowwise=False)
+    whole = merged_task_vector(whole_method, base, vectors, hparams, 5, stats)[ROWWISE_KEY]
+    error = (blocked - whole).abs().max().item()
+    if not error <= 1e-5 * max(whole.abs().max().item(), 1e-30):
+        _fail(
+            f"declares rowwise=True, but merging a {tuple(whole.shape)} parameter in "
+            f"{ROWWISE_BLOCKS} row blocks differs from merging it whole by up to {error:.3g}: "
+            "it uses more than its rows (e.g. a whole-tensor statistic); declare rowwise=False"
+        )
+
+
 @dataclass(frozen=True)
 class Check:
     name: str
@@ -389,6 +434,7 @@ CHECKS: tuple[Check, ...] = tuple(
         check_no_experts,
         check_mismatched_inputs,
         check_zero_task_vectors,
+        check_rowwise,
         check_public_api,
     )
 )
