@@ -39,9 +39,17 @@ from atmbench.testing.methods import (
     sample_model,
     subject,
 )
+from atmbench.testing.refiners import (
+    REFINER_CHECKS,
+    RefinerSubject,
+    ToyBenchmark,
+    check_refiner,
+    refiner_subject,
+)
 
 __all__ = [
     "CHECKS",
+    "REFINER_CHECKS",
     "DTYPES",
     "LINEAR",
     "ROWS",
@@ -50,11 +58,15 @@ __all__ = [
     "Check",
     "ConformanceError",
     "ConformanceSkip",
+    "RefinerSubject",
     "Subject",
+    "ToyBenchmark",
     "check_method",
+    "check_refiner",
     "fisher_like",
     "gram_like",
     "gram_rows_like",
+    "refiner_subject",
     "rowwise_model",
     "run_pytest",
     "sample_model",

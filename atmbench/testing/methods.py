@@ -138,6 +138,10 @@ class Subject:
     registered_as: str | None = None
     """The registry name when the method is registered (enables the public-API check)."""
 
+    @property
+    def what(self) -> str:
+        return f"method {self.method.name!r}"
+
     def merge_hparams(self) -> dict[str, Any]:
         scale = self.method.scale
         return {k: v for k, v in self.hparams.items() if not (scale and k == scale.name)}
@@ -410,14 +414,16 @@ def check_rowwise(s: Subject) -> None:
 
 @dataclass(frozen=True)
 class Check:
+    """One named rule, for a method's :class:`Subject` or a refiner's subject."""
+
     name: str
-    run: Callable[[Subject], None]
+    run: Callable[[Any], None]
 
     def __call__(self, s: Subject) -> None:
         try:
             self.run(s)
         except ConformanceError as exc:
-            raise ConformanceError(f"method {s.method.name!r}, check {self.name}: {exc}") from None
+            raise ConformanceError(f"{s.what}, check {self.name}: {exc}") from None
 
     def __str__(self) -> str:
         return self.name
