@@ -79,6 +79,37 @@ def data_access(frame: pd.DataFrame) -> pd.Series:
     )
 
 
+def format_hparams(values: dict[str, Any]) -> str:
+    """``k=0.2, lam=0.5, rescale.factor=1.2``: a cell's hyperparameters in one short line."""
+    return ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(values.items())
+    )
+
+
+def chosen_hparams(frame: pd.DataFrame) -> pd.Series:
+    """Per method: the hyperparameters its cells ran with (chosen on validation unless the
+    spec pins them; a refiner's as ``REFINER.NAME``), seeds that differ listed apart:
+    ``lam=0.3 (seeds 0, 1); lam=0.4 (seed 2)``. "" for a method without any."""
+    methods = pd.unique(frame.method)
+    if "hparams" not in frame:
+        return pd.Series("", index=methods)
+    cells = frame.drop_duplicates(["method", "seed"]).sort_values("seed")
+    out = {}
+    for method, group in cells.groupby("method", sort=False):
+        seeds: dict[str, list[str]] = {}
+        for seed, text in zip(group.seed, group.hparams, strict=True):
+            line = format_hparams(json.loads(text) if isinstance(text, str) else {})
+            seeds.setdefault(line, []).append(str(seed))
+        if len(seeds) == 1:
+            out[method] = next(iter(seeds))
+        else:
+            out[method] = "; ".join(
+                f"{line or '–'} (seed{'s' if len(ss) > 1 else ''} {', '.join(ss)})"
+                for line, ss in seeds.items()
+            )
+    return pd.Series(out).reindex(methods).fillna("")
+
+
 def filter_data(frame: pd.DataFrame, levels: Sequence[str]) -> pd.DataFrame:
     """Keep the methods whose data access is in ``levels``, and always the reference rows.
 
@@ -110,6 +141,7 @@ def table(frame: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
         seeds=count.loc[order],
         data=data_access(frame).reindex(order),
         compute=compute_ratio(frame).reindex(order),
+        hparams=chosen_hparams(frame).reindex(order).fillna(""),
     )
     return mean
 
@@ -164,6 +196,25 @@ def _cells(summary: pd.DataFrame, pm: str = "±") -> list[tuple[str, list[tuple[
 
 def headers(summary: pd.DataFrame) -> list[str]:
     return ["method", *summary.columns, "data", "compute", "seeds"]
+
+
+def _hparams(summary: pd.DataFrame) -> pd.Series:
+    return (
+        summary.attrs.get("hparams", pd.Series("", index=summary.index))
+        .reindex(summary.index)
+        .fillna("")
+    )
+
+
+def hparams_lines(summary: pd.DataFrame) -> list[tuple[str, str]]:
+    """(method, its hyperparameters) for the rows that have any, in table order."""
+    return [(m, text) for m, text in _hparams(summary).items() if text]
+
+
+def hparams_markdown(summary: pd.DataFrame) -> str:
+    """The per-row hyperparameters as a Markdown list under the table."""
+    items = "\n".join(f"- `{m}`: {text}" for m, text in hparams_lines(summary))
+    return f"Hyperparameters (chosen on validation unless the row's name pins them):\n\n{items}"
 
 
 def render_markdown(summary: pd.DataFrame) -> str:
@@ -295,6 +346,7 @@ def markdown_document(b: Board, images: Sequence[tuple[str, str]] = (), extra: s
         "Columns: tasks, `avg` = mean absolute accuracy, `norm. avg` = mean of merged / "
         "individual expert per task; mean ± std over `seeds`; **bold** = best merged value; "
         "`data` = data the method touched; `compute` = optimizer steps / fine-tuning the experts.",
+        *([hparams_markdown(b.summary)] if hparams_lines(b.summary) else []),
         *(f"![{alt}]({name})" for alt, name in images),
         "### Provenance\n\n"
         + "\n".join(f"- {label}: `{value}`" for label, value in provenance_lines(b.provenance)),
@@ -323,6 +375,7 @@ def render_csv(b: Board) -> str:
     out["data"] = s.attrs["data"]
     out["compute"] = s.attrs["compute"].round(4)
     out["seeds"] = s.attrs["seeds"]
+    out["hparams"] = _hparams(s)
     buffer = io.StringIO()
     out.rename_axis("method").to_csv(buffer, lineterminator="\n")
     return _comment_block(b, "#") + buffer.getvalue()
@@ -343,6 +396,7 @@ def json_document(b: Board, reported: Sequence[dict[str, Any]] = ()) -> dict[str
             "data": s.attrs["data"].get(method),
             "compute": _number(float(s.attrs["compute"].get(method, np.nan))),
             "seeds": int(s.attrs["seeds"].get(method)),
+            "hparams": _hparams(s).get(method) or None,
         }
         for method in s.index
     ]
@@ -392,6 +446,7 @@ def render_latex(b: Board) -> str:
         texts = [rf"\textbf{{{t}}}" if bold else t for t, bold in cells]
         lines.append(" & ".join([latex_escape(method), *texts]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    lines += [f"% hyperparameters of {m}: {text}" for m, text in hparams_lines(s)]
     return "\n".join(lines) + "\n"
 
 
