@@ -8,7 +8,7 @@ import json
 import pandas as pd
 
 from atmbench.cache import key_hash
-from atmbench.leaderboard import publish
+from atmbench.leaderboard import render
 from atmbench.store import CellRecord, ResultStore
 
 HPARAMS = {
@@ -47,7 +47,7 @@ TIES = "k=0.2, lam=0.5, rescale.factor=1.2"
 
 
 def test_markdown_lists_each_rows_hyperparameters(tmp_path):
-    ((_, text),) = publish(_frame(tmp_path), "md", "atmbench leaderboard")
+    ((_, text),) = render(_frame(tmp_path), "md", "atmbench leaderboard")
     section = text.split("Hyperparameters (chosen on validation unless the row's name pins them):")
     assert section[1].split("\n\n")[1].splitlines() == [
         f"- `ties+rescale`: {TIES}",
@@ -57,19 +57,19 @@ def test_markdown_lists_each_rows_hyperparameters(tmp_path):
 
 def test_csv_json_and_latex_carry_the_same_text(tmp_path):
     frame = _frame(tmp_path)
-    ((_, csv),) = publish(frame, "csv", "x")
+    ((_, csv),) = render(frame, "csv", "x")
     table = pd.read_csv(io.StringIO(csv), comment="#", index_col="method", keep_default_na=False)
     assert table.at["ta", "hparams"] == TA and table.at["ties+rescale", "hparams"] == TIES
     assert table.at["average", "hparams"] == ""
-    ((_, doc),) = publish(frame, "json", "x")
-    rows = {r["method"]: r for r in json.loads(doc)[0]["rows"]}
+    ((_, doc),) = render(frame, "json", "x")
+    rows = {r["method"]: r for r in json.loads(doc)["rows"]}
     assert (rows["ta"]["hparams"], rows["average"]["hparams"]) == (TA, None)
-    ((_, tex),) = publish(frame, "latex", "x")
+    ((_, tex),) = render(frame, "latex", "x")
     assert f"% hyperparameters of ta: {TA}\n" in tex
 
 
 def test_no_section_when_no_row_has_hyperparameters(tmp_path):
     frame = _frame(tmp_path)
     frame = frame[frame.method.isin(["pretrained", "experts", "average"])]
-    ((_, text),) = publish(frame, "md", "atmbench leaderboard")
+    ((_, text),) = render(frame, "md", "atmbench leaderboard")
     assert "Hyperparameters" not in text

@@ -1,7 +1,7 @@
 """A conformance kit for refiners: what every refiner must do, checked on a toy benchmark.
 
 A refiner needs data, so the kit brings a benchmark small enough to train on in a blink
-(:class:`ToyBenchmark`: two 3-class tasks on 4-d inputs, a two-layer MLP encoder, frozen
+(:class:`ToyBenchmark`: two 3-class tasks on 4-d inputs, a two-layer MLP backbone, frozen
 linear heads). The checks call ``refiner.refine`` with a :class:`~atmbench.refiner.RefineRequest`
 built the way the runner builds one, after a merge (``from_base=False``) and, for refiners
 that can start from θ0 (``data_from_base``), alone::
@@ -26,7 +26,9 @@ from torch.utils.data import TensorDataset
 from atmbench import hparams as hp
 from atmbench import registry
 from atmbench.finetune import Recipe, TrainStats, state_on_cpu
+from atmbench.heads import Classifier
 from atmbench.method import DATA_ACCESS
+from atmbench.metrics import ACCURACY, Metric
 from atmbench.plugins import NAME_RE
 from atmbench.refiner import Refiner, RefineRequest, RefineResult
 from atmbench.testing.methods import Check, ConformanceError, ConformanceSkip, _clone, _equal
@@ -70,13 +72,16 @@ class ToyBenchmark:
     def base_state(self) -> State:
         return {k: v.clone() for k, v in self._base.items()}
 
-    def encoder(self, state: Mapping[str, Tensor] | None = None) -> nn.Module:
+    def backbone(self, state: Mapping[str, Tensor] | None = None) -> nn.Module:
         encoder = self._build()
         encoder.load_state_dict(dict(self._base if state is None else state))
         return encoder
 
-    def head(self, task: str) -> nn.Module:
-        return self._heads[task]
+    def task_model(self, task: str, backbone: nn.Module, private: Any = None) -> Classifier:
+        return Classifier(backbone, self._heads[task])
+
+    def metrics(self, task: str) -> tuple[Metric, ...]:
+        return (ACCURACY,)
 
     def dataset(self, task: str, split: str) -> TensorDataset:
         return self._data[task, split]
