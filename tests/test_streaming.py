@@ -275,26 +275,33 @@ def test_bracket_counts_split_a_tensor_into_parts(size):
     assert torch.equal(got.sort().values, torch.cat([inside, inside]).sort().values)
 
 
-def test_kernels_draw_the_dare_drop_themselves():
-    """The fused drop (count and merge kernels) gives exactly what dare() writes out."""
+@pytest.mark.parametrize("p", [0.3, 0.9])
+def test_kernels_draw_the_dare_drop_themselves(p):
+    """The fused drop (count and merge kernels) gives exactly what dare() writes out: the
+    same draws and the same rescale (at p = 0.9, float32(1 − p) ≠ float32(1) − float32(p))."""
     gen = torch.Generator().manual_seed(11)
     tv = torch.randn(3, 7, 333, generator=gen)
     ctx = TensorContext("w", ("a", "b", "c"), seed=5, offset=1001)  # an odd offset
-    dropped = dare(tv, ctx, 0.3).clone()
+    dropped = dare(tv, ctx, p).clone()
     seeds = [ctx.task_seed(t) for t in range(3)]
     thresholds = torch.tensor([0.5, 0.8, 1.1])
     for majority in (-1.0, 1.0):
         want = kernels.ties_merge(dropped, thresholds, majority, True)
-        got = kernels.ties_merge(tv, thresholds, majority, True, drop=(seeds, 1001, 0.3))
+        got = kernels.ties_merge(tv, thresholds, majority, True, drop=(seeds, 1001, p))
         assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
     whole = TensorContext("w", ("a",), seed=5)  # the count pass: one task, from entry 0
     counts = []
-    for values, drop in ((dare(tv[:1], whole, 0.3), None), (tv[0], (whole.task_seed(0), 0.3))):
+    for values, drop in ((dare(tv[:1], whole, p), None), (tv[0], (whole.task_seed(0), p))):
         below, filled = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
         kept = torch.zeros(2, 5000 + kernels.CHUNK)
         kernels.bracket_counts(values, 0.4, 0.9, below, kept, filled, drop)
         counts.append((below.tolist(), filled.tolist(), kept[:, :3000]))
     assert counts[0][:2] == counts[1][:2] and torch.equal(counts[0][2], counts[1][2])
+
+
+def test_dare_denominator_is_one_minus_p_rounded_once():
+    for p in (i / 1000 for i in range(1, 1000)):
+        assert kernels.dare_denominator(p) == torch.tensor(1.0 - p, dtype=torch.float32).item()
 
 
 def test_heavy_ties_give_the_exact_threshold():
