@@ -151,12 +151,17 @@ def finetune(
 
 
 def task_vector(tuned: dict, base: dict) -> dict:
-    """τ = θ_t − θ0 in float32, tensor by tensor.
+    """τ = θ_t − θ0 in float32, tensor by tensor, for the floating-point parameters.
 
-    Keys the base lacks are passed through unchanged, so that the merge's key check can
-    name them instead of failing here with a bare KeyError.
+    Integer and bool buffers (position ids, ``num_batches_tracked``) are no task vector: they
+    are passed through as the expert's values, never made floats (merges keep the base's
+    value for them). Keys the base lacks are passed through unchanged too, so that the
+    merge's key check can name them instead of failing here with a bare KeyError.
     """
-    return {k: v.float() - base[k].float() if k in base else v for k, v in tuned.items()}
+    return {
+        k: v.float() - base[k].float() if k in base and v.is_floating_point() else v
+        for k, v in tuned.items()
+    }
 
 
 def state_on_cpu(module: nn.Module) -> dict:

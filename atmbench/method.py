@@ -303,6 +303,38 @@ def peek(vectors: TaskVectors, task: str, key: str) -> Tensor:
     return probe(task, key) if probe is not None else vectors.get(task, key)
 
 
+class FloatingOnly:
+    """``vectors`` without the parameters whose base tensor is not floating point.
+
+    Integer and bool buffers (position ids, BatchNorm's ``num_batches_tracked``) are state,
+    not weights: the merge keeps the base's value for them (:func:`combine`), and they must
+    not count in a method's global view either (TIES' and DOGE's model-wide thresholds),
+    even where a task vector holds them as floats (``θ_t − θ0`` of an integer buffer).
+    :func:`atmbench.streaming.merged_task_vector` hands every method its vectors this way.
+    """
+
+    def __init__(self, vectors: TaskVectors, base: Mapping[str, Tensor]):
+        self.tasks = vectors.tasks
+        self.unchecked = vectors.unchecked
+        self._vectors = vectors
+        self._floating = {k for k, b in base.items() if b.is_floating_point()}
+
+    def keys(self, task: str) -> Iterable[str]:
+        return [k for k in self._vectors.keys(task) if k in self._floating]
+
+    def stacked(self, key: str) -> Tensor:
+        return self._vectors.stacked(key)
+
+    def get(self, task: str, key: str) -> Tensor:
+        return self._vectors.get(task, key)
+
+    def rows(self, task: str, key: str, rows: Any) -> Tensor:
+        return task_rows(self._vectors, task, key, rows)
+
+    def peek(self, task: str, key: str) -> Tensor:
+        return peek(self._vectors, task, key)
+
+
 def sum_tasks(task_vectors: Tensor | Sequence[Tensor], out: Tensor) -> Tensor:
     """Σ_t τ_t into ``out``, in task order: the same float32 sums whether a block comes
     stacked or as T tensors (``torch.sum`` over a stacked dimension may pair the terms
@@ -344,7 +376,7 @@ def combine(
 
 
 def _combined(base: Tensor, delta: Tensor, scale: float, consume: bool) -> Tensor:
-    if not base.is_floating_point():
+    if not base.is_floating_point():  # an integer buffer: the base's value, never merged
         return base.clone()
     # scale · Δ, then θ0 added in place: never a second model-sized temporary.
     out = delta.mul_(scale) if consume and delta.dtype == torch.float32 else delta * scale

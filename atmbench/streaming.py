@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from atmbench.method import (
+    FloatingOnly,
     MergeInputError,
     MergeMethod,
     Scratch,
@@ -129,7 +130,9 @@ def blocks(
 
 
 def floating_keys(vectors: TaskVectors) -> list[str]:
-    """The parameters that are merged (integer buffers are not)."""
+    """The parameters that are merged: floating-point task vectors (a merge's vectors hold
+    no integer buffer, :class:`atmbench.method.FloatingOnly`; this also skips those of
+    vectors handed to a ``prepare`` directly, if they kept their integer dtype)."""
     if not vectors.tasks:
         return []
     first = vectors.tasks[0]
@@ -187,9 +190,14 @@ def prepare(
     hparams: Mapping[str, Any],
     seed: int = 0,
 ) -> Any:
-    """Check the inputs' keys and run the method's global pre-pass (its state, or None)."""
+    """Check the inputs' keys and run the method's global pre-pass (its state, or None).
+
+    Only floating-point parameters are merged: the pre-pass never sees the others (integer
+    buffers: :class:`atmbench.method.FloatingOnly`), and :func:`merged_parameters` gives them
+    a zero merged task vector, so that θ keeps the base's values."""
     check_keys(base, vectors)
-    return method.prepare(vectors, seed=seed, **hparams) if method.prepare else None
+    floating = FloatingOnly(vectors, base)  # integer buffers: neither merged nor counted
+    return method.prepare(floating, seed=seed, **hparams) if method.prepare else None
 
 
 def merged_task_vector(

@@ -22,6 +22,7 @@ from atmbench.default_plugins.methods.masking import (
     global_thresholds,
     middle_band,
 )
+from atmbench.finetune import task_vector
 from atmbench.method import FileTaskVectors, InMemoryTaskVectors, TensorContext
 from atmbench.spec import SpecError, parse_spec
 from atmbench.streaming import merged_task_vector
@@ -75,20 +76,22 @@ def test_streaming_threshold_is_the_exact_kthvalue(k):
         assert float(got[i]) == expected
 
 
-def test_dare_ties_is_ties_on_the_dropped_vectors(monkeypatch):
-    """Row blocks at odd offsets: the kernels draw the same drop as dare() writes out."""
+@pytest.mark.parametrize("p", [0.5, 0.9])
+def test_dare_ties_is_ties_on_the_dropped_vectors(monkeypatch, p):
+    """Row blocks at odd offsets: the kernels draw the same drop as dare() writes out, and
+    rescale it by the same 1 − p (at p = 0.9, float32(1 − p) ≠ float32(1) − float32(p))."""
     gen = torch.Generator().manual_seed(12)
     shapes = {"w": (40, 333), "b": (333,)}
     base = {k: torch.zeros(s) for k, s in shapes.items()}
     vectors = {t: {k: torch.randn(s, generator=gen) for k, s in shapes.items()} for t in "abc"}
     stacked = {k: torch.stack([vectors[t][k] for t in "abc"]) for k in shapes}
-    drops = {k: dare(tv, TensorContext(k, ("a", "b", "c")), 0.5) for k, tv in stacked.items()}
+    drops = {k: dare(tv, TensorContext(k, ("a", "b", "c")), p) for k, tv in stacked.items()}
     dropped = {t: {k: drops[k][i].clone() for k in shapes} for i, t in enumerate("abc")}
     monkeypatch.setattr("atmbench.streaming.BLOCK", 1000)  # three rows of 333 per block
     methods = registry.methods()
     hp = {"k": 0.2, "merge": "mean"}
     got = merged_task_vector(
-        methods["dare_ties"], base, InMemoryTaskVectors(vectors), dict(hp, p=0.5)
+        methods["dare_ties"], base, InMemoryTaskVectors(vectors), dict(hp, p=p)
     )
     want = merged_task_vector(methods["ties"], base, InMemoryTaskVectors(dropped), hp)
     assert all(torch.equal(got[k], want[k]) for k in shapes)
@@ -310,3 +313,30 @@ def test_bad_hparams_are_one_line_cli_errors(spec, message, home):
     assert message in result.output
     assert "Traceback" not in result.output
     assert not (home / "experts").exists()
+
+
+DATA_FREE = sorted(n for n, m in registry.methods().items() if m.data == "none" and not m.needs)
+
+
+@pytest.mark.parametrize("name", DATA_FREE)
+def test_integer_buffers_are_neither_merged_nor_counted(name):
+    """Position ids and batch counters keep the base's values, and a counter far larger than
+    any weight does not move TIES' (or any global view's) thresholds: the floating-point
+    parameters merge exactly as without the buffers."""
+    base, experts = _random_model(seed=10)
+    buffers = {"ids": torch.arange(1200).reshape(4, 300), "tracked": torch.tensor(5)}
+    with_buffers = {k: dict(s) for k, s in experts.items()}
+    for t, state in enumerate(with_buffers.values()):
+        state.update(ids=buffers["ids"] + 1000 * (t + 1), tracked=torch.tensor(90 + t))
+    want = atmbench.merge(name, base, experts, seed=1)
+    got = atmbench.merge(name, {**base, **buffers}, with_buffers, seed=1)
+    assert all(torch.equal(got[k], want[k]) for k in base), name
+    for key, value in buffers.items():
+        assert got[key].dtype == torch.int64 and torch.equal(got[key], value)
+
+
+def test_task_vectors_of_integer_buffers_stay_integers():
+    base = {"w": torch.ones(2), "ids": torch.arange(3)}
+    vector = task_vector({"w": torch.full((2,), 3.0), "ids": torch.arange(3) + 7}, base)
+    assert torch.equal(vector["w"], torch.full((2,), 2.0))
+    assert vector["ids"].dtype == torch.int64 and torch.equal(vector["ids"], torch.arange(3) + 7)
