@@ -1,20 +1,25 @@
-"""Compiled (Numba) kernels for the elementwise hot loops of the masking merges.
+"""Compiled (Numba) kernels for the hot loops of the masking merges.
 
 Why: TIES' trim, sign election and disjoint mean are a dozen elementwise operations per
 entry. As separate torch operations each one streams the stacked task vectors through the
 cache again, and together they cost ~50x the time of reading the bytes once; fused into one
-loop per entry they cost about one read. The torch functions in
-:mod:`atmbench.default_plugins.methods.masking` stay the readable definition of the math
-(and what the tests compare these kernels against).
+loop per entry they cost about one read. The torch definitions of the math are in
+``tests/reference.py``, which the tests compare these kernels with.
+
+Each kernel here beats the plain torch/numpy code it replaces by 8x or more
+(``benchmarks/test_kernel_gain.py``, ``benchmarks/README.md``). A kernel compiles on its
+first call in a fresh environment (seconds each) and is cached on disk (``cache=True``: in
+the package's ``__pycache__`` where that is writable, else in Numba's per-user cache
+directory, or ``$NUMBA_CACHE_DIR``), so later processes load it in milliseconds.
 
 Every kernel takes task vectors as one C-contiguous float32 ``[T, n]`` array (a row block
-of a parameter, flattened), never mutates it, and walks the entries in chunks whose inner
-loops run over contiguous memory, so LLVM vectorizes them. Order statistics (TIES'
-thresholds, Breadcrumbs' band) are found by counting rather than by sorting or quickselect:
-a branch the data decides costs more than a few extra passes that vectorize. DARE,
-consensus and the Breadcrumbs sum equal the torch reference exactly; TIES sums over tasks
-in task order where ``torch.sum(dim=0)`` may pair terms, so it can differ from it by a
-rounding of those sums.
+of a parameter, flattened), or T such tensors, never mutates them, and walks the entries in
+chunks whose inner loops run over contiguous memory, so LLVM vectorizes them. Order
+statistics (TIES' thresholds, Breadcrumbs' band) are found by counting rather than by
+sorting or quickselect: a branch the data decides costs more than a few extra passes that
+vectorize. DARE, consensus and the Breadcrumbs sum equal the torch reference exactly; TIES
+sums over tasks in task order where ``torch.sum(dim=0)`` may pair terms, so it can differ
+from it by a rounding of those sums.
 """
 
 from __future__ import annotations
@@ -326,7 +331,7 @@ def ties_merge(
     consensus: tuple[float, int] | None = None,
 ) -> tuple[Tensor, int, int]:
     """Trim at ``thresholds``, elect signs (``majority`` where the sum is 0), disjoint mean
-    (or sum) of one parameter block ``[T, ...]``: the fused form of ``masking``'s
+    (or sum) of one parameter block ``[T, ...]``: the fused form of (``tests/reference.py``)
     ``disjoint_merge(t, elect_sign(t, majority), merge)`` with ``t = trim(τ, thresholds)``.
 
     Also returns the block's votes Σ sign(Σ_t t) and how many entries the majority decided
@@ -457,7 +462,8 @@ def dare(
     task_vectors: TaskRows, seeds: list[int], offset: int, p: float, out: Tensor | None = None
 ) -> Tensor:
     """τ_t ⊙ (u_t > p) / (1 − p) with u_t the :func:`uniform` stream of ``seeds[t]`` from
-    ``offset``: the fused form of ``masking.dare_rescale(τ, masks, p)``, same float32 steps.
+    ``offset``: the fused form of ``dare_rescale(τ, masks, p)`` (``tests/reference.py``),
+    same float32 steps.
 
     Into ``out`` if given (a C-contiguous float32 tensor of the same shape, not overlapping
     ``task_vectors``: in place, LLVM's overlap check takes the loop's scalar path, 4x

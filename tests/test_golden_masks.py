@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import consensus_mask, dare_rescale, tall_masks
 from safetensors.torch import load_file
 
 from atmbench import registry
-from atmbench.default_plugins.methods.masking import consensus_mask, dare_rescale, tall_masks
 from atmbench.method import InMemoryTaskVectors
 from atmbench.streaming import merged_task_vector
 

@@ -8,20 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
+from reference import dare_keep_masks, dare_rescale, disjoint_merge, elect_sign
 from safetensors.torch import save_file
 
 import atmbench
 from atmbench import registry
 from atmbench.cli import cli
-from atmbench.default_plugins.methods.masking import (
-    dare,
-    dare_keep_masks,
-    dare_rescale,
-    disjoint_merge,
-    elect_sign,
-    global_thresholds,
-    middle_band,
-)
+from atmbench.default_plugins.methods.masking import dare, global_thresholds, middle_band
 from atmbench.finetune import task_vector
 from atmbench.method import FileTaskVectors, InMemoryTaskVectors, TensorContext
 from atmbench.spec import SpecError, parse_spec

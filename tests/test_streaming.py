@@ -6,23 +6,25 @@ from dataclasses import replace
 
 import pytest
 import torch
+from reference import (
+    consensus_mask,
+    dare_keep_masks,
+    dare_rescale,
+    disjoint_merge,
+    elect_sign,
+    official_middle_keep,
+    tall_masks,
+    trim,
+)
 from safetensors.torch import save_file
 
 from atmbench import kernels, registry
 from atmbench.default_plugins.methods import masking
 from atmbench.default_plugins.methods.masking import (
     breadcrumbs_sum,
-    consensus_mask,
     dare,
-    dare_keep_masks,
-    dare_rescale,
-    disjoint_merge,
-    elect_sign,
+    exact_thresholds,
     global_thresholds,
-    middle_band,
-    radix_thresholds,
-    tall_masks,
-    trim,
 )
 from atmbench.method import (
     FileTaskVectors,
@@ -196,7 +198,7 @@ def test_bracketed_thresholds_are_exact_over_many_parameters(k, monkeypatch):
     monkeypatch.setattr(masking, "SAMPLE", 1000)  # a small sample: a narrow bracket
     got = global_thresholds(InMemoryTaskVectors(vectors), k)
     assert got.tolist() == _exact(vectors, k)
-    assert torch.equal(radix_thresholds(InMemoryTaskVectors(vectors), k), got)
+    assert torch.equal(exact_thresholds(InMemoryTaskVectors(vectors), k), got)
 
 
 def test_both_threshold_selections_agree_on_a_transform():
@@ -207,7 +209,7 @@ def test_both_threshold_selections_agree_on_a_transform():
         return dare(tv, ctx, 0.5)
 
     got = global_thresholds(InMemoryTaskVectors(vectors), 0.2, 3, dropped)
-    assert torch.equal(radix_thresholds(InMemoryTaskVectors(vectors), 0.2, 3, dropped), got)
+    assert torch.equal(exact_thresholds(InMemoryTaskVectors(vectors), 0.2, 3, dropped), got)
 
 
 def test_thresholds_over_a_transform_that_drops_parameters():
@@ -220,10 +222,10 @@ def test_thresholds_over_a_transform_that_drops_parameters():
     got = global_thresholds(InMemoryTaskVectors(vectors), 0.2, 0, matrices)
     only = {t: {k: v for k, v in tv.items() if v.dim() > 1} for t, tv in vectors.items()}
     assert got.tolist() == _exact(only, 0.2)
-    assert torch.equal(radix_thresholds(InMemoryTaskVectors(vectors), 0.2, 0, matrices), got)
+    assert torch.equal(exact_thresholds(InMemoryTaskVectors(vectors), 0.2, 0, matrices), got)
 
 
-def test_a_missed_bracket_falls_back_to_the_radix_selection(monkeypatch):
+def test_a_missed_bracket_falls_back_to_the_exact_selection(monkeypatch):
     _, vectors = _model(seed=9)
     calls = []
 
@@ -232,10 +234,10 @@ def test_a_missed_bracket_falls_back_to_the_radix_selection(monkeypatch):
 
     def spy(*args):
         calls.append(args)
-        return radix_thresholds(*args)
+        return exact_thresholds(*args)
 
     monkeypatch.setattr(masking, "_sample", misleading)
-    monkeypatch.setattr(masking, "radix_thresholds", spy)
+    monkeypatch.setattr(masking, "exact_thresholds", spy)
     got = global_thresholds(InMemoryTaskVectors(vectors), 0.2)
     assert calls and got.tolist() == _exact(vectors, 0.2)
 
@@ -251,7 +253,7 @@ def test_kept_parts_longer_than_one_part_are_joined_whole(monkeypatch):
     assert got.tolist() == _exact(vectors, 0.2)
 
 
-def test_an_overflowing_bracket_falls_back_to_the_radix_selection(monkeypatch):
+def test_an_overflowing_bracket_falls_back_to_the_exact_selection(monkeypatch):
     _, vectors = _model(seed=5)
     monkeypatch.setattr(masking, "CAPACITY", 64)  # far fewer than the bracket holds
     got = global_thresholds(InMemoryTaskVectors(vectors), 0.2)
@@ -349,7 +351,8 @@ def test_ties_settles_tied_signs_by_the_whole_model_vote(name, shift):
 @pytest.mark.parametrize(
     ("keep", "outliers"), [(0.15, 0.006), (0.05, 0.001), (0.5, 0.2), (1.0, 0.0), (0.1, 0.95)]
 )
-def test_band_sum_by_order_statistics_equals_the_stable_sort(keep, outliers):
+def test_breadcrumbs_selects_as_the_official_code(keep, outliers):
+    """Ties at the band's bounds broken as ``torch.topk`` breaks them, as the official code."""
     gen = torch.Generator().manual_seed(0)
     smooth = torch.randn(3, 50, 768, generator=gen)
     scaled = smooth * torch.logspace(-4, 2, 50).unsqueeze(1)  # rows of very different scales
@@ -362,8 +365,9 @@ def test_band_sum_by_order_statistics_equals_the_stable_sort(keep, outliers):
     shrinking = scaled.flip(1)  # each row's guess from the one before keeps too few
     cases = (smooth, scaled, shrinking, repeated, sparse, strided, head, smooth[:, 0], ordered)
     for tensor in cases:
-        want = (tensor * middle_band(tensor, keep, outliers)).sum(0)
+        want = sum(official_middle_keep(tv, keep, outliers) for tv in tensor)  # task order
         assert torch.equal(breadcrumbs_sum(tensor, keep, outliers), want)
+        assert torch.equal(breadcrumbs_sum(list(tensor), keep, outliers), want)
 
 
 # ---------------------------------------------------------------- kernels

@@ -12,6 +12,9 @@ Decisions, from the official code (rezazzr/breadcrumbs ``TaskVectorMiddleKeep``,
 - Defaults are the official tuning script's starting point (keep 0.15, outliers 0.006,
   the paper's ≈85% sparsity); the grid samples the script's ranges β ∈ [0.05, 0.2],
   γ ∈ [0.001, 0.01]. λ uses Task Arithmetic's grid (the script searches α ∈ [0.01, 1]).
+- Ties at the band's bounds are broken as the official code's two ``torch.topk`` calls
+  break them. (Version 1 broke them by position, a stable sort: it differed from the
+  official band only in rows where a non-zero |τ| is repeated across the band's edge.)
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ def register_methods(register):
             data="none",
             rowwise=True,
             stacked=False,
+            version="2",
             hparams=(KEEP, OUTLIERS),
             scale=ta.LAMBDA,
             description="Model Breadcrumbs: middle magnitude band per row, then Task Arithmetic",
