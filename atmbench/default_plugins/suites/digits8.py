@@ -22,9 +22,9 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
@@ -35,6 +35,9 @@ from atmbench.heads import Classifier, CosineHead, class_prototypes
 from atmbench.hookspecs import hookimpl
 from atmbench.metrics import ACCURACY, Metric
 from atmbench.suite import Suite
+
+if TYPE_CHECKING:
+    from open_clip.transformer import VisionTransformer
 
 SUITE = "digits8"
 VERSION = "1"
@@ -126,6 +129,10 @@ def _to_input(x: Tensor) -> Tensor:
 
 
 def _build_encoder(config: ModelConfig) -> VisionTransformer:
+    # Imported here: open_clip (and torchvision) take seconds to import, and loading the
+    # plugins (every merge, `atmbench list`) must not pay for a backbone it does not build.
+    from open_clip.transformer import VisionTransformer
+
     return VisionTransformer(
         image_size=config.image_size,
         patch_size=config.patch_size,
