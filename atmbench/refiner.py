@@ -43,6 +43,10 @@ class RefineResult:
     """One record per iteration (scores, task-vector cosines, ...)."""
     private: dict[str, dict[str, Tensor]] | None = None
     """task -> private parameters that go with ``state``; None: the request's are kept."""
+    resolved: dict[str, Any] = field(default_factory=dict)
+    """Hyperparameters whose given value stood for a default resolved at run time (ATM's
+    ``iterations=0``), as they ran: stored with the cell's hyperparameters as
+    ``REFINER.NAME``, so that a row says what actually ran."""
 
 
 @dataclass(frozen=True)

@@ -330,6 +330,7 @@ def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
         stats += spent
         chosen.update(refined)
         private = result.private if result.private is not None else private
+        chosen.update({f"{refiner.name}.{k}": v for k, v in result.resolved.items()})
         access = _max_access(
             access,
             refiner.data_from_base if from_base else refiner.data,

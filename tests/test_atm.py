@@ -130,6 +130,17 @@ def test_gram_and_cosines_flatten_over_all_tensors():
     assert torch.allclose(cos, torch.tensor(expected, dtype=torch.float64))
 
 
+def test_default_iterations_are_the_ceiling_of_the_largest_task_budget():
+    """Not one per epoch of every task: vision8's SUN397 (76 epochs) sets 76 rounds, and
+    SVHN (4 epochs) tunes 4/76 of an epoch per round."""
+    recipes = {
+        "sun397": Recipe(epochs=76, lr=1e-5, batch_size=128),
+        "svhn": Recipe(epochs=4, lr=1e-5, batch_size=128),
+    }
+    plan = atm.make_plan(recipes, hp.defaults(atm.HPARAMS, {}))
+    assert plan.iterations == 76 and plan.epochs == {"sun397": 1.0, "svhn": 4 / 76}
+
+
 def test_plan_defaults_to_the_recipe_and_one_iteration_per_epoch():
     recipe = Recipe(epochs=2.5, lr=1e-3, batch_size=64, warmup_steps=10)
     plan = atm.make_plan({"a": recipe}, hp.defaults(atm.HPARAMS, {}))
@@ -255,3 +266,8 @@ def test_runner_stores_compute_and_a_trace_that_analysis_reads(register, home, t
     assert rows.loc["ta+atm", "steps"] == 12 + 3 * 4
     trace = analysis.parse_trace(rows.loc["ta+atm", "trace"])
     assert len(trace) == 3 and len(trace[-1]["cosine"]) == 3
+    # the iterations that ran are stored with the cell, the resolved default too
+    for method in ("atm:iterations=2", "ta+atm"):
+        stored = rows.loc[method, "hparams"]
+        stored = json.loads(stored) if isinstance(stored, str) else stored
+        assert stored["atm.iterations"] == 2

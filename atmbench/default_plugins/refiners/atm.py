@@ -7,6 +7,21 @@ mean (``alpha = 1`` is the paper's α = 1/T on the sum). With one iteration this
 arithmetic with λ = 1/T over experts fine-tuned for the whole budget; with one epoch per
 iteration and full batches it is multi-task gradient descent.
 
+The default number of iterations is ⌈the largest task budget in epochs⌉: the task with the
+most epochs gets about one epoch per round, every other task the same number of rounds and
+so less than an epoch per round (vision8 at the experts' budgets: 76 rounds, from SUN397's
+76 epochs; SVHN, budgeted 4 epochs, tunes 4/76 of an epoch per round). The resolved value
+is stored with the cell's hyperparameters as ``atm.iterations``.
+
+Data: ``atm`` alone reads each task's train split as the suite serves it (augmented where
+the suite augments, as the experts were); ``METHOD+atm`` reads the validation split as the
+suite serves it, which is with evaluation preprocessing (no augmentation), because the
+suite contract gives a split one preprocessing and the validation split also selects
+hyperparameters. On digits8 the two are the same (no augmentation); on the vision suites
+refinement tunes without open_clip's train-time augmentation, unlike the experts and unlike
+the official code, which fine-tunes with it whatever the split: a known deviation until the
+suite contract can serve a split for training.
+
 * ``atm`` alone starts from the base θ0 and tunes on each task's train split; the default
   budget is the experts' recipe epochs, so it spends the compute one-shot merging spends.
 * ``METHOD+atm`` starts from METHOD's merged model and tunes on each task's validation
@@ -46,7 +61,8 @@ HPARAMS = (
         default=0,
         low=0,
         type=int,
-        help="tune/merge rounds; 0: one per epoch of the budget (the paper's setting)",
+        help="tune/merge rounds; 0: ⌈the largest task budget in epochs⌉ (about one epoch per "
+        "round for that task, less for the others)",
     ),
     HParam(
         "budget",
@@ -217,7 +233,9 @@ def alternate(
             }
         )
     state = {k: v.to(dtypes[k]) for k, v in current.items()}
-    return RefineResult(state, stats, trace, privates or None)
+    return RefineResult(
+        state, stats, trace, privates or None, resolved={"iterations": plan.iterations}
+    )
 
 
 def refine(request: RefineRequest) -> RefineResult:
