@@ -6,7 +6,7 @@ cache again, and together they cost ~50x the time of reading the bytes once; fus
 loop per entry they cost about one read. The torch definitions of the math are in
 ``tests/reference.py``, which the tests compare these kernels with.
 
-Each kernel here beats the plain torch/numpy code it replaces by 8x or more
+Each kernel here beats the plain torch/numpy code it replaces by 3x to 50x
 (``benchmarks/test_kernel_gain.py``, ``benchmarks/README.md``). A kernel compiles on its
 first call in a fresh environment (seconds each) and is cached on disk (``cache=True``: in
 the package's ``__pycache__`` where that is writable, else in Numba's per-user cache

@@ -338,7 +338,7 @@ def breadcrumbs_sum(
     stacked task vectors ``[T, ...]`` or T tensors, into ``out`` if given.
 
     Two order statistics per row and task bound the band (:func:`atmbench.kernels.band_sum`,
-    fused with the sum; 8x or more faster than the two ``torch.topk`` per row); only rows
+    fused with the sum; 8x to 40x faster than the two ``torch.topk`` per row); only rows
     where a task repeats a bound across the band's edge need the tie rule, and only those
     pay for :func:`middle_band`.
     """
