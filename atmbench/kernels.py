@@ -33,7 +33,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 from torch import Tensor
 
-from atmbench.torch_kernels import routed
+from atmbench.torch_kernels import dare_denominator, routed
 
 TaskRows = Tensor | Sequence[Tensor]
 """A block's task vectors: stacked ``[T, ...]``, or T tensors of the same shape (views of
@@ -121,15 +121,6 @@ def uniform(seed: int, offset: int, count: int) -> Tensor:
     out = np.empty(count, dtype=np.float32)
     _uniforms(np.uint64(seed), np.uint64(offset), out)
     return torch.from_numpy(out)
-
-
-def dare_denominator(p: float) -> np.float32:
-    """DARE's rescale denominator 1 − p in float32: the one place it is computed, so that
-    every kernel (and :func:`dare`) divides by the same value. Rounded from the float64
-    difference, as ``τ / (1.0 - p)`` on a float32 tensor does (FusionBench's ``div_(1 - p)``);
-    ``np.float32(1) - np.float32(p)`` differs from it for 414 of p = 0.001 … 0.999, 0.9 among
-    them."""
-    return np.float32(1.0 - p)
 
 
 @njit(inline="always")

@@ -21,6 +21,15 @@ from torch import Tensor
 _U64 = 1 << 64
 
 
+def dare_denominator(p: float) -> np.float32:
+    """DARE's rescale denominator 1 − p in float32: the one place it is computed, so that
+    every kernel (Numba's in :mod:`atmbench.kernels` and these) divides by the same value.
+    Rounded from the float64 difference, as ``τ / (1.0 - p)`` on a float32 tensor does
+    (FusionBench's ``div_(1 - p)``); ``np.float32(1) - np.float32(p)`` differs from it for
+    414 of p = 0.001 … 0.999, 0.9 among them."""
+    return np.float32(1.0 - p)
+
+
 def _signed(value: int) -> int:
     """A uint64 constant as the int64 with the same bits."""
     value %= _U64
@@ -92,7 +101,7 @@ def dare(
 ) -> Tensor:
     """:func:`atmbench.kernels.dare` in torch."""
     device = task_vectors[0].device
-    survivors = _survivors(np.float32(1.0 - p), device)
+    survivors = _survivors(dare_denominator(p), device)
     if out is None:
         out = torch.empty(len(task_vectors), *task_vectors[0].shape, device=device)
     for t, tv in enumerate(task_vectors):
@@ -114,7 +123,7 @@ def ties_merge(
     values = [tv.float() for tv in task_vectors]
     if drop:
         seeds, offset, p = drop
-        survivors = _survivors(np.float32(1.0) - np.float32(p), device)
+        survivors = _survivors(dare_denominator(p), device)
         values = [_dropped(v, s, offset, p, survivors) for v, s in zip(values, seeds, strict=True)]
     limits = thresholds.float().to(device)
     kept = [v.abs() >= limits[t] for t, v in enumerate(values)]
@@ -174,7 +183,7 @@ def bracket_counts(
     flat = values.detach().float().reshape(-1)
     if drop:
         seed, p = drop
-        flat = _dropped(flat, seed, 0, p, _survivors(np.float32(1.0) - np.float32(p), flat.device))
+        flat = _dropped(flat, seed, 0, p, _survivors(dare_denominator(p), flat.device))
     magnitudes = flat.abs()
     low, high = float(np.float32(lo)), float(np.float32(hi))
     parts = kept.shape[0]
