@@ -44,7 +44,12 @@ def query(store: Path, sql: str) -> list[tuple]:
     if not store.exists():
         return []
     with sqlite3.connect(store, timeout=30) as con:
-        return con.execute(sql).fetchall()
+        try:
+            return con.execute(sql).fetchall()
+        except sqlite3.OperationalError as exc:  # polled before the run made its tables
+            if "no such table" in str(exc):
+                return []
+            raise
 
 
 def method_cells_done(store: Path) -> int:
