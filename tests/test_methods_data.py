@@ -57,7 +57,9 @@ def test_fisher_averages_parameters_without_a_fisher_and_checks_shapes():
 
 
 def test_data_using_methods_are_refused_by_the_data_free_api():
-    with pytest.raises(SpecError, match="needs data .*only data-free methods merge without a suite"):
+    with pytest.raises(
+        SpecError, match="needs data .*only data-free methods merge without a suite"
+    ):
         atmbench.merge("fisher", {"p": torch.zeros(1)}, {"a": {"p": torch.ones(1)}})
 
 

@@ -137,7 +137,7 @@ def test_entry_point_that_fails_to_import_is_reported(fresh_plugin_state, monkey
     assert "ta" in atmbench.methods()
 
 
-def _with_broken_entry_point(monkeypatch, name="magmax", module="atmbench_no_such_module_xyz"):
+def _with_broken_entry_point(monkeypatch, name="fancymerge", module="atmbench_no_such_module_xyz"):
     real = plugins.entry_points
     monkeypatch.setattr(
         plugins, "entry_points", lambda group: [*real(group=group), EntryPoint(name, module, group)]
@@ -147,31 +147,31 @@ def _with_broken_entry_point(monkeypatch, name="magmax", module="atmbench_no_suc
 def test_an_unknown_method_names_the_plugin_that_failed_to_import(fresh_plugin_state, monkeypatch):
     _with_broken_entry_point(monkeypatch)
     with pytest.raises(SpecError) as info:
-        runner.plan("digits8", None, ["ta", "magmax"], [0])
+        runner.plan("digits8", None, ["ta", "fancymerge"], [0])
     message = str(info.value)
     assert message.startswith(
-        "unknown method 'magmax' (plugin 'magmax' from ? ? failed to import: "
+        "unknown method 'fancymerge' (plugin 'fancymerge' from ? ? failed to import: "
         "ModuleNotFoundError: No module named 'atmbench_no_such_module_xyz') (valid: "
     )
     assert "\n" not in message
     # a name no failure concerns still lists every failure: it may be the cause
     with pytest.raises(SpecError, match=r"unknown method 'zzz' \(1 plugin\(s\) failed to load: "):
         runner.plan("digits8", None, ["zzz"], [0])
-    with pytest.raises(SpecError, match=r"unknown refiner 'magmax' \(plugin 'magmax' from"):
-        runner.plan("digits8", None, ["ta+magmax"], [0])
-    with pytest.raises(ValueError, match=r"unknown suite 'magmax' \(plugin 'magmax' from"):
-        atmbench.registry.get_suite("magmax")
+    with pytest.raises(SpecError, match=r"unknown refiner 'fancymerge' \(plugin 'fancymerge' from"):
+        runner.plan("digits8", None, ["ta+fancymerge"], [0])
+    with pytest.raises(ValueError, match=r"unknown suite 'fancymerge' \(plugin 'fancymerge' from"):
+        atmbench.registry.get_suite("fancymerge")
 
 
 def test_the_cli_names_the_failed_plugin_in_one_line(fresh_plugin_state, monkeypatch, home):
     _with_broken_entry_point(monkeypatch)
-    result = CliRunner().invoke(cli, ["run", "--methods", "ta,magmax", "--dry-run"])
+    result = CliRunner().invoke(cli, ["run", "--methods", "ta,fancymerge", "--dry-run"])
     assert result.exit_code == 1
     (line,) = [row for row in result.output.splitlines() if row.startswith("Error")]
-    assert "unknown method 'magmax' (plugin 'magmax' from ? ? failed to import: " in line
+    assert "unknown method 'fancymerge' (plugin 'fancymerge' from ? ? failed to import: " in line
     result = CliRunner().invoke(cli, ["list"])
     assert result.exit_code == 0
-    assert "Warning: plugin 'magmax' from ? ? failed to import: ModuleNotFoundError" in (
+    assert "Warning: plugin 'fancymerge' from ? ? failed to import: ModuleNotFoundError" in (
         result.output
     )
 
@@ -180,13 +180,13 @@ def test_an_unknown_method_names_the_hook_that_dropped_it(register, fresh_plugin
     class Broken:
         @hookimpl
         def register_methods(self, register):
-            register(MergeMethod(name="magmax", merge=_double, data="none"))
+            register(MergeMethod(name="fancymerge", merge=_double, data="none"))
             raise RuntimeError("boom")
 
     with register(Broken(), "broken"), pytest.raises(SpecError) as info:
-        runner.plan("digits8", None, ["magmax"], [0])
+        runner.plan("digits8", None, ["fancymerge"], [0])
     assert str(info.value).startswith(
-        "unknown method 'magmax' (plugin 'broken' (test-broken 0.0 (broken)) failed in "
+        "unknown method 'fancymerge' (plugin 'broken' (test-broken 0.0 (broken)) failed in "
         "register_methods: RuntimeError: boom) (valid: "
     )
 

@@ -9,6 +9,7 @@ heads, fine-tuning, merging, evaluation through the runner — is the real code.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 
 import numpy as np
@@ -100,6 +101,9 @@ def hub(monkeypatch):
     calls: list = []
     monkeypatch.setattr(datasets, "load_dataset", fake_hub(calls))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # the fake hub answers: the download command's reachability probe must say so too
+    probe = importlib.import_module("atmbench.default_plugins.suites.vision.download")
+    monkeypatch.setattr(probe, "hub_unreachable", lambda: None)
     return calls
 
 
