@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -467,9 +467,18 @@ def check_method(
     Returns check name -> ``"passed"`` or ``"skipped: <reason>"``.
     """
     s = subject(method, hparams, statistics)
+    return run_checks(CHECKS, s, f"method {s.method.name!r}")
+
+
+def run_checks(checks: Sequence[Check], s: Any, what: str) -> dict[str, str]:
+    """Run ``checks`` on ``s``; raise one :class:`ConformanceError` listing all failures.
+
+    Shared by the method and refiner kits. ``what`` names the subject in the message of a
+    check that crashed. Returns check name -> ``"passed"`` or ``"skipped: <reason>"``.
+    """
     outcome: dict[str, str] = {}
     failures: list[str] = []
-    for check in CHECKS:
+    for check in checks:
         try:
             check(s)
         except ConformanceSkip as exc:
@@ -477,9 +486,7 @@ def check_method(
         except ConformanceError as exc:
             failures.append(str(exc))
         except Exception as exc:  # noqa: BLE001 - a crash is a failure of that check
-            failures.append(
-                f"method {s.method.name!r}, check {check.name}: {type(exc).__name__}: {exc}"
-            )
+            failures.append(f"{what}, check {check.name}: {type(exc).__name__}: {exc}")
         else:
             outcome[check.name] = "passed"
     if failures:

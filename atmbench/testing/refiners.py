@@ -31,7 +31,14 @@ from atmbench.method import DATA_ACCESS
 from atmbench.metrics import ACCURACY, Metric
 from atmbench.plugins import NAME_RE
 from atmbench.refiner import Refiner, RefineRequest, RefineResult
-from atmbench.testing.methods import Check, ConformanceError, ConformanceSkip, _clone, _equal
+from atmbench.testing.methods import (
+    Check,
+    ConformanceError,
+    ConformanceSkip,
+    _clone,
+    _equal,
+    run_checks,
+)
 
 State = dict[str, Tensor]
 
@@ -273,19 +280,4 @@ def check_refiner(
     Returns check name -> ``"passed"`` or ``"skipped: <reason>"``.
     """
     s = refiner_subject(refiner, hparams, benchmark)
-    outcome: dict[str, str] = {}
-    failures: list[str] = []
-    for check in REFINER_CHECKS:
-        try:
-            check(s)
-        except ConformanceSkip as exc:
-            outcome[check.name] = f"skipped: {exc}"
-        except ConformanceError as exc:
-            failures.append(str(exc))
-        except Exception as exc:  # noqa: BLE001 - a crash is a failure of that check
-            failures.append(f"{s.what}, check {check.name}: {type(exc).__name__}: {exc}")
-        else:
-            outcome[check.name] = "passed"
-    if failures:
-        raise ConformanceError("\n".join(failures))
-    return outcome
+    return run_checks(REFINER_CHECKS, s, s.what)
