@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -18,6 +18,32 @@ def _joined(parts: list) -> Sequence:
     return [x for part in parts for x in part]
 
 
+def device_batches(
+    dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0
+) -> Iterator[list[Tensor]]:
+    """One in-order pass over ``dataset`` as batches on ``device``.
+
+    A dataset with its own ``device_batches`` (the vision suites' cached images) gathers,
+    copies and preprocesses whole batches itself; any other goes through a ``DataLoader``
+    whose batches are copied without blocking from pinned memory on CUDA.
+    """
+    own = getattr(dataset, "device_batches", None)
+    if own is not None:
+        yield from own(batch_size, device)
+        return
+    pin = device.type == "cuda"
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin,
+        collate_fn=getattr(dataset, "collate", None),
+    )
+    for batch in loader:
+        yield [t.to(device, non_blocking=pin) for t in batch]
+
+
 @torch.no_grad()
 def evaluate(
     model: TaskModel,
@@ -28,23 +54,15 @@ def evaluate(
 ) -> dict[str, float]:
     """metric name -> score in percent, in eval mode, in the dataset's own order.
 
-    ``num_workers`` > 0 decodes images in loader processes: on a GPU, decoding, not the
-    model, is what limits evaluation of the vision suites.
+    Predictions stay on the device until the end (no per-batch synchronisation); on CUDA
+    the model runs under bf16 autocast. ``num_workers`` > 0 loads a plain dataset's items
+    in loader processes.
     """
     device = next(model.parameters()).device
     model.eval()
     amp = device.type == "cuda"
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=amp,
-        collate_fn=getattr(dataset, "collate", None),
-    )
     predictions, references = [], []
-    for batch in loader:
-        batch = [t.to(device) for t in batch]
+    for batch in device_batches(dataset, batch_size, device, num_workers):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             predicted, reference = model.predict(batch)
         predictions.append(predicted)

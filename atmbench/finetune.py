@@ -68,8 +68,17 @@ def _lr_lambda(recipe: Recipe, total: int):
 
 
 def _batches(dataset: Dataset, recipe: Recipe, seed: int, device: torch.device):
-    """Endless shuffled batches moved to ``device``; the order is fixed by ``seed`` alone."""
+    """Endless shuffled batches moved to ``device``; the order is fixed by ``seed`` alone.
+
+    A dataset with its own ``device_batches`` (the vision suites' cached images) makes
+    whole batches on the device, drawing order and augmentation from the same generator.
+    """
     generator = torch.Generator().manual_seed(seed)
+    drop_last = len(dataset) > recipe.batch_size
+    own = getattr(dataset, "device_batches", None)
+    if own is not None:
+        while True:
+            yield from own(recipe.batch_size, device, generator=generator, drop_last=drop_last)
     loader = DataLoader(
         dataset,
         batch_size=recipe.batch_size,
@@ -78,7 +87,7 @@ def _batches(dataset: Dataset, recipe: Recipe, seed: int, device: torch.device):
         num_workers=recipe.num_workers,
         pin_memory=device.type == "cuda",
         collate_fn=getattr(dataset, "collate", None),
-        drop_last=len(dataset) > recipe.batch_size,
+        drop_last=drop_last,
     )
     while True:
         for batch in loader:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from atmbench.cache import key_hash
 from atmbench.default_plugins.suites.vision import backbone as bb
-from atmbench.default_plugins.suites.vision import data
+from atmbench.default_plugins.suites.vision import batches, data, imagecache
 from atmbench.default_plugins.suites.vision.classnames import classnames
 from atmbench.default_plugins.suites.vision.tasks import NAMING, SUITES, TASKS
 from atmbench.default_plugins.suites.vision.templates import TEMPLATES
@@ -26,12 +27,13 @@ from atmbench.heads import Classifier, CosineHead
 from atmbench.metrics import ACCURACY, Metric
 from atmbench.suite import SuiteDataError
 
-VERSION = "2"
+VERSION = "3"
 """Bump when data handling, heads or recipes change: it invalidates caches.
 
-2: OpenAI weights run with QuickGELU (open_clip >= 2.29 built them with GELU), fp32 logits."""
+2: OpenAI weights run with QuickGELU (open_clip >= 2.29 built them with GELU), fp32 logits.
+3: images from the decoded-image cache; training crops drawn on the device (``batches``)."""
 NUM_WORKERS = 8
-"""Data-loader processes for fine-tuning and evaluation: JPEG decoding feeds the GPU."""
+"""Processes decoding images: building the image cache (and the per-image fallback)."""
 GRAD_CHECKPOINTING_ENV = "ATMBENCH_GRAD_CHECKPOINTING"
 
 
@@ -57,6 +59,13 @@ def _grad_checkpointing(name: str) -> bool:
     if flag not in ("0", "1"):
         raise ValueError(f"{GRAD_CHECKPOINTING_ENV}={flag!r} (valid: 0, 1)")
     return flag == "1"
+
+
+def _resident_budget(device: torch.device) -> int:
+    """Bytes of evaluation images kept on ``device`` (none on the CPU)."""
+    if device.type != "cuda":
+        return 0
+    return int(batches.RESIDENT_FRACTION * torch.cuda.get_device_properties(device).total_memory)
 
 
 def ensure_data(suite: str, model: str, home: Path, tasks: Sequence[str]) -> None:
@@ -110,6 +119,10 @@ class VisionBenchmark:
         ensure_data(suite, model, self.home, self.tasks)
         backbone = bb.create(self.model_id, self.home, suite)
         self._preprocess = {"train": backbone.preprocess_train, "eval": backbone.preprocess_eval}
+        self._plan = batches.plan(backbone.preprocess_eval, backbone.preprocess_train)
+        self.resident = batches.Resident(_resident_budget(device))
+        self._cached: dict[tuple[str, str], tuple[imagecache.Entry, Tensor]] = {}
+        self._datasets: dict[tuple[str, str], Dataset] = {}
         self._visual = backbone.visual()
         self._checkpointing = _grad_checkpointing(self.model_id.name)
         self._base = state_on_cpu(self._visual)
@@ -166,16 +179,40 @@ class VisionBenchmark:
     def metrics(self, task: str) -> tuple[Metric, ...]:
         return (ACCURACY,)
 
-    def dataset(self, task: str, split: str) -> data.ImageDataset:
-        rows = self._rows[task]
+    def _images(self, task: str, source: str) -> tuple[imagecache.Entry, Tensor]:
+        """The task's cached ``source`` split (built on first use) and its labels."""
+        if (task, source) not in self._cached:
+            rows = self._rows[task][source]
+            resize = self._plan[0]
+            root = self.home / "image-cache"
+            entry = imagecache.ensure(root, task, source, rows, resize, self.num_workers)
+            self._cached[task, source] = entry, data.labels(rows)
+        return self._cached[task, source]
+
+    def dataset(self, task: str, split: str) -> Dataset:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {split!r} (valid: train, val, test)")
+        if (task, split) not in self._datasets:
+            self._datasets[task, split] = self._dataset(task, split)
+        return self._datasets[task, split]
+
+    def _dataset(self, task: str, split: str) -> Dataset:
         train_idx, val_idx = self._split[task]
+        if self._plan is not None:
+            _, evaluation, training = self._plan
+            entry, labels = self._images(task, "test" if split == "test" else "train")
+            if split == "train":
+                return batches.CachedImages(entry.array, labels, train_idx, training)
+            indices = val_idx if split == "val" else None
+            return batches.CachedImages(
+                entry.array, labels, indices, evaluation, self.resident, (task, split)
+            )
+        rows = self._rows[task]
         if split == "train":
             return data.ImageDataset(rows["train"], train_idx, self._preprocess["train"])
         if split == "val":
             return data.ImageDataset(rows["train"], val_idx, self._preprocess["eval"])
-        if split == "test":
-            return data.ImageDataset(rows["test"], None, self._preprocess["eval"])
-        raise ValueError(f"unknown split {split!r} (valid: train, val, test)")
+        return data.ImageDataset(rows["test"], None, self._preprocess["eval"])
 
     def recipe(self, task: str) -> Recipe:
         return self._recipes[task]

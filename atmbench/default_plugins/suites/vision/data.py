@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -143,3 +144,9 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         row = self.rows[int(self.indices[i])]
         return self.transform(row["image"].convert("RGB")), int(row["label"])
+
+
+def labels(rows: Any) -> Tensor:
+    """The ``label`` column as an int64 tensor, read from Arrow without decoding any image."""
+    column = rows.with_format("numpy", columns=["label"])["label"]
+    return torch.as_tensor(np.asarray(column), dtype=torch.int64)
