@@ -118,7 +118,10 @@ class Benchmark(Protocol):
     def dataset(self, task: str, split: str) -> Dataset:
         """Items of one split (``train``, ``val`` or ``test``) as tuples of tensors.
 
-        A dataset may carry a ``collate`` attribute (a ``DataLoader`` ``collate_fn``).
+        A dataset may carry a ``collate`` attribute (a ``DataLoader`` ``collate_fn``), or a
+        ``device_batches(batch_size, device, generator=None, drop_last=False)`` method
+        yielding whole batches already on ``device`` (in order, or shuffled and augmented
+        from ``generator``): evaluation and training then use it instead of a ``DataLoader``.
         """
 
     def recipe(self, task: str) -> Recipe:
