@@ -8,9 +8,13 @@ loop per entry they cost about one read. The torch definitions of the math are i
 
 Each kernel here beats the plain torch/numpy code it replaces by 3x to 50x
 (``benchmarks/test_kernel_gain.py``, ``benchmarks/README.md``). A kernel compiles on its
-first call in a fresh environment (seconds each) and is cached on disk (``cache=True``: in
+first use in a fresh environment (seconds each) and is cached on disk (``cache=True``: in
 the package's ``__pycache__`` where that is writable, else in Numba's per-user cache
-directory, or ``$NUMBA_CACHE_DIR``), so later processes load it in milliseconds.
+directory, or ``$NUMBA_CACHE_DIR``), so later processes load it in milliseconds. The first
+kernel call of a process starts compiling (or loading) all of them in a background thread,
+and calls made before that is done run the torch forms of :mod:`atmbench.torch_kernels`
+instead: they give the same values, so a fresh install's first merge does not wait for LLVM
+(:func:`compile_kernels` waits, for code that times or checks the compiled path).
 
 Every kernel takes task vectors as one C-contiguous float32 ``[T, n]`` array (a row block
 of a parameter, flattened), or T such tensors, never mutates them, and walks the entries in
@@ -24,6 +28,9 @@ from it by a rounding of those sums.
 
 from __future__ import annotations
 
+import atexit
+import sys
+import threading
 from collections.abc import Sequence
 
 import numba
@@ -45,6 +52,65 @@ CHUNK = 2048
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+_ready = threading.Event()
+_lock = threading.Lock()
+_compiling: threading.Thread | None = None
+_failure: list[BaseException] = []
+
+
+def compiled() -> bool:
+    """Whether the kernels are ready; the first call starts compiling them in a background
+    thread, which a process that is done first waits for at exit (one line on stderr says
+    so): stopping it mid-compile can abort the interpreter, and it leaves the cache to
+    every later process."""
+    global _compiling
+    if _ready.is_set():
+        return True
+    with _lock:
+        if _compiling is None:
+            _compiling = threading.Thread(target=_compile, name="atmbench-kernels", daemon=True)
+            _compiling.start()
+            atexit.register(_finish_at_exit)
+    return False
+
+
+def _finish_at_exit() -> None:
+    if _compiling is not None and _compiling.is_alive():
+        print("atmbench: finishing the one-time compile of the merge kernels", file=sys.stderr)
+        _compiling.join()
+
+
+def compile_kernels() -> None:
+    """Compile (or load from the cache) every kernel and wait until they are ready."""
+    compiled()
+    assert _compiling is not None
+    _compiling.join()
+    if _failure:
+        raise _failure[0]
+
+
+def _compile() -> None:
+    """Call each kernel once on tiny inputs of the types the methods pass, which compiles
+    (or loads) the specializations they use; any other compiles on its first call."""
+    try:
+        rows = [torch.linspace(-1.0, 1.0, 3 * CHUNK).view(3, CHUNK) * s for s in (1.0, -0.5)]
+        thresholds = torch.full((2,), 0.5)
+        ties_merge.__wrapped__(rows, thresholds, -1.0, True, drop=([1, 2], 0, 0.5))
+        ties_merge.__wrapped__(rows, thresholds, 1.0, False, consensus=(0.5, 1))
+        dare.__wrapped__(rows, [1, 2], 0, 0.5)
+        consensus.__wrapped__(rows, rows[0], 0.5, 1)
+        band_sum.__wrapped__(rows, 1, 3)
+        uniform.__wrapped__(1, 0, 8)
+        below, filled = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+        kept = torch.empty(2, 4 * CHUNK)
+        bracket_counts.__wrapped__(rows[0], 0.1, 0.9, below, kept, filled, (1, 0.5))
+        kth_smallest.__wrapped__(kept[:, :8].abs(), torch.full((2,), 8), torch.full((2,), 3))
+    except BaseException as error:  # surfaced by compile_kernels; calls stay on torch
+        _failure.append(error)
+        return
+    _ready.set()
 
 
 def _threads() -> None:
@@ -110,6 +176,7 @@ def _uniforms(seed, offset, out):
         out[j] = _splitmix(seed, offset + np.uint64(j))
 
 
+@routed(compiled)
 def uniform(seed: int, offset: int, count: int) -> Tensor:
     """Entries ``offset … offset + count − 1`` of the SplitMix64 stream of ``seed`` as float32
     uniforms in [0, 1) (24 random bits each, the resolution of ``torch.rand``'s float32).
@@ -205,7 +272,7 @@ def _kth_smallest(bits, counts, ranks, out):
         out[t] = _kth_largest(values, size, size, size - ranks[t] + 1, 0, top + 1)
 
 
-@routed
+@routed(compiled)
 def kth_smallest(magnitudes: Tensor, counts: Tensor, ranks: Tensor) -> Tensor:
     """Per task t, the ``ranks[t]``-th smallest (1-based) of ``magnitudes[t, :counts[t]]``,
     all ≥ 0: ``[T]`` float32. Selects by counting over the float bits (:func:`_kth_largest`),
@@ -311,7 +378,7 @@ def _ties(
     return votes, undecided
 
 
-@routed
+@routed(compiled)
 def ties_merge(
     task_vectors: TaskRows,
     thresholds: Tensor,
@@ -396,7 +463,7 @@ def _bracket(values, low, high, below, kept, filled, dropping, seed, p, survivor
         filled[part] = f
 
 
-@routed
+@routed(compiled)
 def bracket_counts(
     values: Tensor,
     lo: float,
@@ -448,7 +515,7 @@ def _dare(addresses, n, seeds, offset, p, survivors, out):
         _dropped(row, seeds[t], offset + np.uint64(start), p, survivors, target)
 
 
-@routed
+@routed(compiled)
 def dare(
     task_vectors: TaskRows, seeds: list[int], offset: int, p: float, out: Tensor | None = None
 ) -> Tensor:
@@ -501,7 +568,7 @@ def _consensus(addresses, n, merged, lam, agree, out):
         _consensus_chunk(tv, stop - start, merged[start:stop], lam, agree, out[start:stop])
 
 
-@routed
+@routed(compiled)
 def consensus(
     task_vectors: TaskRows, merged: Tensor, lam: float, agree: int, out: Tensor | None = None
 ) -> Tensor:
@@ -624,7 +691,7 @@ def _band_sum(addresses, count, cols, start, stop, out, repeats):
             repeats[r] = repeated
 
 
-@routed
+@routed(compiled)
 def band_sum(
     task_vectors: TaskRows, start: int, stop: int, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:

@@ -2,11 +2,12 @@
 
 :mod:`atmbench.kernels` compiles its loops for the CPU with Numba and reads tensors by
 address, so a GPU tensor must never reach it: each public kernel is wrapped by
-:func:`routed`, which sends calls with tensors elsewhere (a GPU) here. These functions take
-the same arguments and give the same float32 values as the kernels, step for step (the
-same products, sums in task order, IEEE divisions by tensors), and DARE draws the same
-masks: SplitMix64 in wrapping int64 arithmetic, with logical shifts. Counts, thresholds and
-flags come back on the CPU, as the kernels return them.
+:func:`routed`, which sends calls with tensors elsewhere (a GPU) here, and CPU calls too
+while the kernels are still compiling in the background. These functions take the same
+arguments and give the same float32 values as the kernels, step for step (the same
+products, sums in task order, IEEE divisions by tensors), and DARE draws the same masks:
+SplitMix64 in wrapping int64 arithmetic, with logical shifts. Counts, thresholds and flags
+come back on the CPU, as the kernels return them.
 """
 
 from __future__ import annotations
@@ -50,17 +51,22 @@ def elsewhere(value: object) -> bool:
     return False
 
 
-def routed(kernel: Callable) -> Callable:
-    """Wrap a public kernel: calls whose first argument or ``out`` is off the CPU run the
-    torch function of the same name in this module instead."""
+def routed(compiled: Callable[[], bool]) -> Callable[[Callable], Callable]:
+    """Wrap a public kernel: calls whose first argument or ``out`` is off the CPU, or that
+    come while ``compiled()`` says the CPU kernels are not ready yet, run the torch function
+    of the same name in this module instead (the same values, so which one ran never shows
+    in a result)."""
 
-    @functools.wraps(kernel)
-    def call(*args, **kwargs):
-        if (args and elsewhere(args[0])) or elsewhere(kwargs.get("out")):
-            return globals()[kernel.__name__](*args, **kwargs)
-        return kernel(*args, **kwargs)
+    def wrap(kernel: Callable) -> Callable:
+        @functools.wraps(kernel)
+        def call(*args, **kwargs):
+            if (args and elsewhere(args[0])) or elsewhere(kwargs.get("out")) or not compiled():
+                return globals()[kernel.__name__](*args, **kwargs)
+            return kernel(*args, **kwargs)
 
-    return call
+        return call
+
+    return wrap
 
 
 def _shift(z: Tensor, bits: int) -> Tensor:
@@ -76,6 +82,11 @@ def bits24(seed: int, first: int, count: int, device: torch.device | str = "cpu"
     z = (z ^ _shift(z, 30)) * _MIX1
     z = (z ^ _shift(z, 27)) * _MIX2
     return _shift(z ^ _shift(z, 31), 40)
+
+
+def uniform(seed: int, offset: int, count: int) -> Tensor:
+    """:func:`atmbench.kernels.uniform`: the same float32 uniforms, on the CPU."""
+    return bits24(seed, offset, count).float() * 2.0**-24
 
 
 def _dropped(values: Tensor, seed: int, first: int, p: float, survivors: Tensor) -> Tensor:

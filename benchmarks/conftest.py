@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_kernels():
+    """Time the compiled kernels, not their torch forms, which serve merges made while the
+    kernels compile (or load from the cache) in the background."""
+    from atmbench import kernels
+
+    kernels.compile_kernels()
+
 
 def pytest_terminal_summary(terminalreporter):
     import sys

@@ -7,7 +7,14 @@ import contextlib
 import pytest
 import torch
 
-from atmbench import plugins
+from atmbench import kernels, plugins
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_kernels():
+    """Tests check the compiled kernels, which users' merges run once they are ready: wait for
+    them, or a test's first merges would run their torch forms while they compile."""
+    kernels.compile_kernels()
 
 
 @pytest.fixture(autouse=True)

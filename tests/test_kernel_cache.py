@@ -17,6 +17,7 @@ import numba, torch
 import atmbench
 from atmbench import kernels
 
+kernels.compile_kernels()  # else the merges below run the torch forms while they load
 gen = torch.Generator().manual_seed(0)
 base = {"w": torch.randn(8, 300, generator=gen), "b": torch.randn(300, generator=gen)}
 experts = {t: {k: v + torch.randn(v.shape, generator=gen) for k, v in base.items()} for t in "abc"}

@@ -2,9 +2,12 @@
 kernels (:mod:`atmbench.torch_kernels`), never to Numba, and give the kernels' values.
 
 CI has no GPU: the torch versions run here on CPU tensors against the kernels, and the
-routing is checked by making every tensor look like it lives elsewhere."""
+routing is checked by making every tensor look like it lives elsewhere. The same torch
+versions serve CPU calls made while the kernels compile in the background."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -89,24 +92,48 @@ SPECS = ["ta", "ties", "dare_ta:p=0.9", "dare_ties:p=0.9", "breadcrumbs", "conse
          "consensus_ties", "average"]  # fmt: skip
 
 
+@pytest.mark.parametrize("why", ["elsewhere", "compiling"])
 @pytest.mark.parametrize("spec", SPECS)
-def test_tensors_elsewhere_never_reach_numba(monkeypatch, spec):
-    """Every tensor made to look off the CPU: the merge runs the torch versions only (the
-    compiled kernels raise if called) and equals the kernels' merge."""
+def test_torch_forms_give_the_kernels_merge(monkeypatch, spec, why):
+    """Every tensor made to look off the CPU, or the kernels made to look still compiling
+    (a fresh install's first merge): the merge runs the torch versions only (the compiled
+    kernels raise if called) and equals the kernels' merge."""
     torch.manual_seed(0)
     base = {"w": torch.randn(40, 700), "b": torch.randn(700), "e": torch.randn(3, 5, 9)}
     experts = {t: {k: v + 0.1 * torch.randn_like(v) for k, v in base.items()} for t in "xyz"}
     expected = atmbench.merge(spec, base, experts, seed=4)
 
     def no_numba(*args, **kwargs):
-        raise AssertionError("a tensor off the CPU reached a compiled kernel")
+        raise AssertionError("a call routed to torch reached a compiled kernel")
 
-    monkeypatch.setattr(torch_kernels, "elsewhere", lambda v: v is not None)
+    if why == "elsewhere":
+        monkeypatch.setattr(torch_kernels, "elsewhere", lambda v: v is not None)
+    else:  # not ready, and a compile under way (so no thread starts)
+        monkeypatch.setattr(kernels, "_ready", threading.Event())
+        monkeypatch.setattr(kernels, "_compiling", threading.Thread(target=lambda: None))
     for compiled in ("_addresses", "_bracket", "_kth_smallest", "_uniforms"):
         monkeypatch.setattr(kernels, compiled, no_numba)
     merged = atmbench.merge(spec, base, experts, seed=4)
     for key, tensor in expected.items():
         torch.testing.assert_close(merged[key], tensor, rtol=1e-6, atol=1e-6)
+
+
+def test_uniform_torch_form_is_the_kernels():
+    assert torch.equal(torch_kernels.uniform(7, 99, 5000), kernels.uniform(7, 99, 5000))
+
+
+def test_a_process_done_before_the_compile_waits_for_it(monkeypatch, capsys):
+    """Ending the interpreter mid-compile can abort it: the exit hook joins the thread."""
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait)
+    worker.start()
+    monkeypatch.setattr(kernels, "_compiling", worker)
+    threading.Timer(0.2, release.set).start()
+    kernels._finish_at_exit()
+    assert not worker.is_alive()
+    assert "finishing the one-time compile" in capsys.readouterr().err
+    kernels._finish_at_exit()  # nothing left to wait for: silent
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
