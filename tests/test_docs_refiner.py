@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import types
@@ -12,6 +13,7 @@ import torch
 
 from atmbench import runner
 from atmbench.hookspecs import hookimpl
+from atmbench.refiner import Refiner, RefineRequest, RefineResult
 from atmbench.store import ResultStore
 from atmbench.suite import Suite
 from atmbench.testing import ToyBenchmark
@@ -66,3 +68,11 @@ def test_the_example_is_searched_and_pinned_as_the_doc_says(rescale, home, tmp_p
     assert searched.data_access == "validation"
     pinned = rows.loc["ta:lam=0.5+rescale:factor=1.5"]
     assert json.loads(pinned.hparams) == {"lam": 0.5} and pinned.data_access == "none"
+
+
+@pytest.mark.parametrize("cls", [Refiner, RefineRequest, RefineResult])
+def test_every_field_of_the_refiner_types_is_documented(cls):
+    """A plugin author writes a refiner from the doc alone: each field has its table row."""
+    table = DOC.read_text().split(f"`{cls.__name__}` fields", 1)[1].split("\n\n")[1]
+    documented = set(re.findall(r"^\| `(\w+)` \|", table, flags=re.M))
+    assert {f.name for f in dataclasses.fields(cls)} <= documented
