@@ -305,8 +305,9 @@ def _leaderboard_invocation(suite, fmt, data, reported, out) -> str:
 @click.option(
     "--data",
     default=None,
-    help="Only methods with this data access, comma-separated from none,validation,train "
-    "(the reference rows are always shown).",
+    help="Only methods with this data access, comma-separated from none,validation,train,"
+    "test-unlabeled (test-time adaptation on the test inputs); the reference rows are always "
+    "shown.",
 )
 @click.option(
     "--reported",

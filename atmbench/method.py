@@ -20,8 +20,12 @@ from atmbench import kernels
 from atmbench.hparams import HParam
 from atmbench.seeds import derive
 
-DATA_ACCESS = ("none", "validation", "train")
-"""What data a method or refiner touches: the fairness column of every leaderboard."""
+DATA_ACCESS = ("none", "validation", "train", "test-unlabeled")
+"""What data a method or refiner touches: the fairness column of every leaderboard.
+
+``test-unlabeled`` is test-time adaptation (AdaMerging): the inputs of the very test
+split that is scored, without their labels. It ranks last (a cell that also searched on
+validation reads ``test-unlabeled``): whatever else a row used, it saw the test inputs."""
 
 
 class MergeInputError(ValueError):
@@ -130,6 +134,11 @@ class MergeMethod:
     the merged task vector ``delta`` in place; ``state`` is what ``prepare`` returned."""
     needs: tuple[str, ...] = ()
     """Data statistics the runner must compute (e.g. ``("fisher",)``)."""
+    adapt: Callable[..., Any] | None = None
+    """``adapt(request: atmbench.adapt.AdaptRequest, **hparams) -> AdaptResult`` for a
+    method that learns from data on whole models (AdaMerging's coefficients): the runner
+    calls it once per hyperparameter combination in place of ``prepare``, and the result's
+    ``state`` reaches ``merge`` as ``ctx.state``."""
     description: str = ""
     rowwise: bool = False
     """True if the merge of a block of leading-dimension rows needs only those rows (their
@@ -152,6 +161,8 @@ class MergeMethod:
                 f"method {self.name!r}: data={self.data!r} is invalid, expected one of "
                 + ", ".join(DATA_ACCESS)
             )
+        if self.adapt is not None and self.prepare is not None:
+            raise ValueError(f"method {self.name!r}: adapt replaces prepare, give one of them")
         names = [h.name for h in self.all_hparams()]
         if len(names) != len(set(names)):
             raise ValueError(f"method {self.name!r} declares a hyperparameter twice: {names}")

@@ -27,6 +27,9 @@ SOURCES = {
     "WUDI paper": "R. Cheng et al., Whoever Started the Interference Should End It: Guiding "
     "Data-Free Model Merging via Task Vectors, ICML 2025, arXiv:2503.08099 (table in the "
     "official repository nathanielyvo/WUDI-Merging)",
+    "AdaMerging logs": "E. Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task "
+    "Learning, ICLR 2024, arXiv:2310.02575 (training logs in the official repository "
+    "EnnengYang/AdaMerging, logs/ViT-B-32)",
     "FusionBench MagMax docs": "FusionBench documentation, docs/algorithms/magmax.md "
     "(tanganke/fusion_bench), FusionBench's own runs of MagMax",
 }
@@ -74,6 +77,12 @@ FIGURES: tuple[ReportedFigure, ...] = (
         "magmax", "MagMax", "70.70", "FusionBench MagMax docs", "α = 0.5, independent experts"
     ),
     _vision8_b32("magmax", "MagMax", "71.10", "FusionBench MagMax docs", "best α = 0.6"),
+    _vision8_b32(
+        "adamerging", "Task-wise AdaMerging", "71.09", "AdaMerging logs", "after 500 steps"
+    ),
+    _vision8_b32(
+        "adamerging_layer", "Layer-wise AdaMerging", "80.18", "AdaMerging logs", "after 500 steps"
+    ),
     ReportedFigure("vision8", "ViT-L-14", "cart", "CART", "92.6", "", "CART paper"),
     ReportedFigure(
         "vision14", "ViT-B-32", "cart", "CART", "79.5", "λ 1.5, rank 0.16", "CART paper"

@@ -21,11 +21,12 @@ from torch import Tensor
 
 from atmbench import hparams as hp
 from atmbench import registry, statistics
+from atmbench.adapt import AdaptRequest
 from atmbench.cache import load_entry
 from atmbench.evaluate import score
 from atmbench.experts import Experts, ensure_experts
 from atmbench.finetune import TrainStats
-from atmbench.method import DATA_ACCESS, MergeMethod, combine
+from atmbench.method import DATA_ACCESS, FloatingOnly, MergeMethod, combine
 from atmbench.mtl import ensure_mtl, private_of
 from atmbench.provenance import device_name, git_commit, peak_memory_mb, versions
 from atmbench.refiner import Refiner, RefineRequest, RefineResult
@@ -219,12 +220,15 @@ def select_on_validation(
     seed: int,
     stats: Mapping[str, Mapping[str, Tensor]] | None = None,
     private: Private | None = None,
+    progress: bool = False,
+    spent: TrainStats | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any], bool, float]:
     """Merge with every candidate of the search space; keep the best mean validation score.
 
     The scale coefficient is swept on one merged task vector per other-hyperparameter
-    combination. Returns (state, chosen hyperparameters, whether anything was searched,
-    seconds spent merging).
+    combination. A method that learns from data (``adapt``) learns once per combination,
+    counting its compute into ``spent`` and its time as merging time. Returns (state,
+    chosen hyperparameters, whether anything was searched, seconds spent merging).
     """
     scale = method.scale
     if scale is None:
@@ -239,7 +243,14 @@ def select_on_validation(
     merge_time = 0.0
     for combo in combos:
         started = time.perf_counter()
-        delta = merged_task_vector(method, base, vectors, combo, seed, stats)
+        learned = None
+        if method.adapt is not None:
+            request = AdaptRequest(bench, base, FloatingOnly(vectors, base), seed, progress)
+            result = method.adapt(dataclasses.replace(request, private=private or {}), **combo)
+            learned = result.state
+            if spent is not None:
+                spent += result.stats
+        delta = merged_task_vector(method, base, vectors, combo, seed, stats, learned)
         merge_time += time.perf_counter() - started
         for value in scales:
             state = combine(base, delta, value, consume=not searched)
@@ -307,6 +318,8 @@ def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
             cell.seed,
             data_stats,
             private,
+            ws.progress,
+            stats,
         )
         access = _max_access(method.data, "validation" if searched else None)
     method_chosen = dict(chosen)

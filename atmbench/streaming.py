@@ -207,10 +207,18 @@ def merged_task_vector(
     hparams: Mapping[str, Any],
     seed: int = 0,
     stats: Mapping[str, Any] | None = None,
+    learned: Any = None,
 ) -> dict[str, Tensor]:
     """Stream ``method`` over every parameter; return the unscaled merged task vector (fp32),
-    in tensors of its own (no input's memory)."""
+    in tensors of its own (no input's memory). ``learned``: the state an ``adapt`` method
+    learned (``AdaptResult.state``), which such a method needs in place of ``prepare``'s."""
+    if method.adapt is not None and learned is None:
+        raise ValueError(
+            f"method {method.name!r} learns its state from a benchmark's data (adapt): "
+            "run it with 'atmbench run'"
+        )
     state = prepare(method, base, vectors, hparams, seed)
+    state = learned if method.adapt is not None else state
     out = dict(merged_parameters(method, base, vectors, hparams, state, seed, stats))
     if method.finish:
         method.finish(state, out)

@@ -28,10 +28,19 @@ FAST = {"doge": {"steps": 3}}
 """Hyperparameters that keep slow methods quick on the kit's tiny tensors."""
 
 
+def _coefficients(base, tasks):
+    """What AdaMerging could learn: a coefficient per task and parameter, some negative."""
+    return {k: torch.linspace(-0.5, 1.0, len(tasks)) * (i + 1) for i, k in enumerate(base)}
+
+
+LEARNED = {"adamerging": _coefficients, "adamerging_layer": _coefficients}
+"""States for the methods that learn theirs from a benchmark (adapt)."""
+
+
 @pytest.mark.parametrize("check", CHECKS, ids=str)
 @pytest.mark.parametrize("name", sorted(atmbench.methods()))
 def test_registered_method_conforms(name, check):
-    run_pytest(check, subject(name, FAST.get(name)))
+    run_pytest(check, subject(name, FAST.get(name), learned=LEARNED.get(name)))
 
 
 def _method(merge, name="bad", **fields) -> MergeMethod:

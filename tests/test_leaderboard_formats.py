@@ -247,7 +247,10 @@ def test_data_filter_rejects_unknown_levels(fixture_store):
         cli, ["leaderboard", "--store", str(fixture_store), "--data", "test"]
     )
     assert result.exit_code == 1
-    assert "unknown data access 'test' (valid: none, validation, train)" in result.output
+    assert (
+        "unknown data access 'test' (valid: none, validation, train, test-unlabeled)"
+        in result.output
+    )
 
 
 def test_reported_figures_stay_in_their_own_cited_table(tmp_path, monkeypatch):

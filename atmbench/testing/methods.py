@@ -23,7 +23,9 @@ The checks use only the public API (:func:`atmbench.merge`,
 ``needs`` get synthetic statistics: those of :mod:`atmbench.statistics` are faked on the
 miniature model (``fisher``: positive tensors shaped like the parameters; ``gram`` and
 ``gram_rows``: positive definite input Gram matrices), others come from the ``statistics``
-argument; without one, the checks that merge are skipped with the reason.
+argument; without one, the checks that merge are skipped with the reason. Methods that
+learn their state from a benchmark (``adapt``, e.g. AdaMerging's coefficients) get it from
+the ``learned`` argument, ``factory(base, tasks) -> state``; without one, likewise.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from atmbench.streaming import BLOCK, merged_task_vector
 State = dict[str, Tensor]
 StatisticFactory = Callable[[Mapping[str, Tensor], tuple[str, ...]], Mapping[str, Tensor]]
 """``factory(base, tasks) -> {parameter: statistic stacked over tasks [T, ...]}``."""
+StateFactory = Callable[[Mapping[str, Tensor], tuple[str, ...]], Any]
+"""``factory(base, tasks) -> the state an adapt method would have learned``."""
 
 SHAPES: dict[str, tuple[int, ...]] = {
     "conv1.weight": (4, 3, 2, 2),
@@ -137,6 +141,7 @@ class Subject:
     statistics: Mapping[str, StatisticFactory] = field(default_factory=dict)
     registered_as: str | None = None
     """The registry name when the method is registered (enables the public-API check)."""
+    learned: StateFactory | None = None
 
     @property
     def what(self) -> str:
@@ -163,11 +168,29 @@ class Subject:
             )
         return {n: dict(factories[n](base, tasks)) for n in self.method.needs}
 
+    def state(self, base: Mapping[str, Tensor], tasks: tuple[str, ...]) -> Any:
+        """What an ``adapt`` method learned for these inputs (None for other methods)."""
+        if self.method.adapt is None:
+            return None
+        if self.learned is None:
+            raise ConformanceSkip(
+                f"method {self.method.name!r} learns its state from a benchmark (adapt): "
+                "pass learned=factory(base, tasks)"
+            )
+        return self.learned(base, tasks)
+
+    def merged(self, base: State, vectors: InMemoryTaskVectors, seed: int = 0) -> State:
+        """The unscaled merged task vector of task vectors, on the runner's code path."""
+        stats = self.stats(base, vectors.tasks)
+        learned = self.state(base, vectors.tasks)
+        return merged_task_vector(
+            self.method, base, vectors, self.merge_hparams(), seed, stats, learned
+        )
+
     def delta(self, base: State, experts: Mapping[str, State], seed: int = 0) -> State:
         """The unscaled merged task vector, on the runner's code path."""
         vectors = InMemoryTaskVectors({t: task_vector(s, base) for t, s in experts.items()})
-        stats = self.stats(base, vectors.tasks)
-        return merged_task_vector(self.method, base, vectors, self.merge_hparams(), seed, stats)
+        return self.merged(base, vectors, seed)
 
     def merge(self, base: State, experts: Mapping[str, State], seed: int = 0) -> State:
         """θ0 + scale · Δ, cast back to the base's dtypes."""
@@ -178,6 +201,7 @@ def subject(
     method: MergeMethod | str,
     hparams: Mapping[str, Any] | None = None,
     statistics: Mapping[str, StatisticFactory] | None = None,
+    learned: StateFactory | None = None,
 ) -> Subject:
     """Resolve a method (or its registered name) and its hyperparameters (defaults filled)."""
     registered = registry.methods()
@@ -191,7 +215,8 @@ def subject(
         raise ConformanceError(f"expected a MergeMethod or a name, got {type(method).__name__}")
     given = hp.resolve(method.all_hparams(), hparams or {}, method.name)
     name = method.name if registered.get(method.name) is method else None
-    return Subject(method, hp.defaults(method.all_hparams(), given), statistics or {}, name)
+    defaults = hp.defaults(method.all_hparams(), given)
+    return Subject(method, defaults, statistics or {}, name, learned)
 
 
 # ---------------------------------------------------------------- the checks
@@ -237,8 +262,9 @@ def check_registration(s: Subject) -> None:
         _fail(f"name {m.name!r} must match {NAME_RE.pattern}")
     if m.data not in DATA_ACCESS:
         _fail(f"data={m.data!r} is not one of {', '.join(DATA_ACCESS)}")
-    if not callable(m.merge) or (m.prepare is not None and not callable(m.prepare)):
-        _fail("merge (and prepare, when given) must be callable")
+    optional = (m.prepare, m.adapt)
+    if not callable(m.merge) or any(f is not None and not callable(f) for f in optional):
+        _fail("merge (and prepare or adapt, when given) must be callable")
     if not m.description:
         _fail("description is empty: 'atmbench list' shows it")
     if not isinstance(m.needs, tuple) or not all(isinstance(n, str) for n in m.needs):
@@ -251,8 +277,12 @@ def check_registration(s: Subject) -> None:
         inspect.signature(m.merge).bind(None, None, None, **values)
         if m.prepare is not None:
             inspect.signature(m.prepare).bind(None, seed=0, **values)
+        if m.adapt is not None:
+            inspect.signature(m.adapt).bind(None, **values)
     except TypeError as exc:
-        _fail(f"merge/prepare do not take the declared hyperparameters {sorted(values)}: {exc}")
+        _fail(
+            f"merge/prepare/adapt do not take the declared hyperparameters {sorted(values)}: {exc}"
+        )
     if s.registered_as is not None:
         source = registry.registered_methods()[s.registered_as].source
         if not source.package or not source.version:
@@ -282,7 +312,7 @@ def check_no_mutation(s: Subject) -> None:
     stats = s.stats(base, tuple(experts))
     before = _clone({"base": base, "experts": experts, "vectors": vectors, "stats": stats or {}})
     s.merge(base, experts)
-    merged_task_vector(s.method, base, InMemoryTaskVectors(vectors), s.merge_hparams(), 0, stats)
+    s.merged(base, InMemoryTaskVectors(vectors))
     after = {"base": base, "experts": experts, "vectors": vectors, "stats": stats or {}}
     for part, tree in after.items():
         if not _equal(tree, before[part]):
@@ -321,17 +351,7 @@ def check_mismatched_inputs(s: Subject) -> None:
     cases: dict[str, tuple[str, Callable[[], object]]] = {
         "a missing parameter": ("task1", lambda: s.merge(base, missing)),
         "an unexpected parameter": ("task1", lambda: s.merge(base, extra)),
-        "misshapen task vectors": (
-            key,
-            lambda: merged_task_vector(
-                s.method,
-                base,
-                InMemoryTaskVectors(misshapen),
-                s.merge_hparams(),
-                0,
-                s.stats(base, tuple(misshapen)),
-            ),
-        ),
+        "misshapen task vectors": (key, lambda: s.merged(base, InMemoryTaskVectors(misshapen))),
     }
     for what, (named, attempt) in cases.items():
         try:
@@ -362,6 +382,8 @@ def check_public_api(s: Subject) -> None:
         raise ConformanceSkip("the method is not registered")
     if s.method.needs:
         raise ConformanceSkip("atmbench.merge refuses methods that need data statistics")
+    if s.method.adapt is not None:
+        raise ConformanceSkip("atmbench.merge refuses methods that learn from data (adapt)")
     base, experts = sample_model()
     merged = atmbench.merge(s.registered_as, base, experts, seed=3, **s.hparams)
     if not _equal(merged, s.merge(base, experts, seed=3)):
@@ -399,10 +421,12 @@ def check_rowwise(s: Subject) -> None:
     base, experts = rowwise_model()
     vectors = InMemoryTaskVectors({t: task_vector(e, base) for t, e in experts.items()})
     stats = s.stats(base, vectors.tasks)
+    learned = s.state(base, vectors.tasks)
     hparams = s.merge_hparams()
-    blocked = merged_task_vector(s.method, base, vectors, hparams, 5, stats)[ROWWISE_KEY]
+    blocked = merged_task_vector(s.method, base, vectors, hparams, 5, stats, learned)[ROWWISE_KEY]
     whole_method = dataclasses.replace(s.method, rowwise=False)
-    whole = merged_task_vector(whole_method, base, vectors, hparams, 5, stats)[ROWWISE_KEY]
+    whole = merged_task_vector(whole_method, base, vectors, hparams, 5, stats, learned)
+    whole = whole[ROWWISE_KEY]
     error = (blocked - whole).abs().max().item()
     if not error <= 1e-5 * max(whole.abs().max().item(), 1e-30):
         _fail(

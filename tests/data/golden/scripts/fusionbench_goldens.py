@@ -1,10 +1,12 @@
 """Goldens from FusionBench 0.2.33's own implementations: ``tox -e goldens-fusionbench``.
 
-Writes magmax, model_stock_angle and wudi_matrices .safetensors (RECIPE.md says what each holds).
+Writes magmax, model_stock_angle and wudi_matrices .safetensors, and through
+``adamerging_fb.py`` adamerging_inputs and adamerging (RECIPE.md says what each holds).
 """
 
 from __future__ import annotations
 
+import adamerging_fb
 import torch
 from common import TASKS, inputs, module, save
 from fusion_bench.method.magmax.magmax import MagMaxAlgorithm
@@ -32,6 +34,7 @@ def main() -> None:
     vectors = [{k: experts[t][k] - base[k] for k in base} for t in TASKS]
     merged = wudi_merging(vectors, accelerator="cpu", iter_num=300)  # the function's default
     save("wudi_matrices", {k: v.detach() for k, v in merged.items()})
+    adamerging_fb.main()
 
 
 if __name__ == "__main__":
