@@ -16,7 +16,13 @@ from atmbench import checkpoints, registry
 from atmbench import hparams as hp
 from atmbench.method import DifferenceTaskVectors, MergeMethod, combine
 from atmbench.spec import SpecError, parse_spec
-from atmbench.streaming import merged_parameters, merged_task_vector, prepare
+from atmbench.streaming import (
+    merged_parameters,
+    merged_task_vector,
+    merged_with_state,
+    prepare,
+    task_vector,
+)
 
 DEFAULT_SHARD = "2GB"
 """Output shard size of ``merge_checkpoints`` (tensor bytes per file)."""
@@ -59,9 +65,37 @@ def merge(
     Task vectors are computed parameter by parameter, on the tensors' device.
     """
     method, values, scale = _resolve(spec, hparams)
+    if method.per_task:
+        raise SpecError(
+            f"method {method.name!r} keeps one model per task (it needs the task id at "
+            "inference): use atmbench.merge_per_task"
+        )
     vectors = DifferenceTaskVectors(base, experts)  # each τ_t computed per parameter
     delta = merged_task_vector(method, base, vectors, values, seed)
     return combine(base, delta, scale, consume=True)
+
+
+def merge_per_task(
+    spec: str,
+    base: Mapping[str, Tensor],
+    experts: Mapping[str, Mapping[str, Tensor]],
+    seed: int = 0,
+    **hparams: Any,
+) -> dict[str, dict[str, Tensor]]:
+    """Task -> its own model, for a method that keeps one model per task (``emr``,
+    ``tall_masks``: a shared merged vector and per-task masks or rescalers); as
+    :func:`merge` otherwise (no search, data-free specs only)."""
+    method, values, scale = _resolve(spec, hparams)
+    if not method.per_task:
+        raise SpecError(f"method {method.name!r} merges into one model: use atmbench.merge")
+    vectors = DifferenceTaskVectors(base, experts)
+    shared, state = merged_with_state(method, base, vectors, values, seed)
+    return {
+        task: combine(
+            base, task_vector(method, base, vectors, shared, values, state, task, seed), scale
+        )
+        for task in experts
+    }
 
 
 def _device(name: str) -> torch.device:

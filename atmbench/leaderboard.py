@@ -3,10 +3,12 @@
 One table per (suite, model): rows are methods between the pretrained (lower) and the
 individual-experts (upper) reference rows, columns are tasks, the average absolute
 accuracy and the average normalized accuracy (merged / individual expert, per task and
-seed, then averaged). With several seeds each cell reads ``mean ± std``. Three columns
+seed, then averaged). With several seeds each cell reads ``mean ± std``. Four columns
 say what a row cost, so that rows are compared on equal terms: ``data`` (what data the
-method touched), ``compute`` (optimizer steps relative to fine-tuning the experts) and
-``seeds``. Every rendering carries a :class:`Provenance` block saying how to reproduce it.
+method touched), ``model`` (``one`` merged model, or ``per-task``: a model per task, which
+needs the task id at inference, as EMR's and TALL masks' do), ``compute`` (optimizer steps
+relative to fine-tuning the experts) and ``seeds``. Every rendering carries a
+:class:`Provenance` block saying how to reproduce it.
 """
 
 from __future__ import annotations
@@ -79,6 +81,26 @@ def data_access(frame: pd.DataFrame) -> pd.Series:
     )
 
 
+def model_kind(frame: pd.DataFrame) -> pd.Series:
+    """Per method: ``one`` merged model, or ``per-task`` (per-task masks or rescalers over a
+    shared vector: a stored per-task storage; the experts: a whole model per task)."""
+    methods = pd.unique(frame.method)
+    if "task_storage_bytes" not in frame:
+        storage = pd.Series(False, index=methods)
+    else:
+        storage = frame.groupby("method").task_storage_bytes.agg(lambda v: v.notna().any())
+    kinds = storage.reindex(methods).fillna(False).map({True: "per-task", False: "one"})
+    return kinds.where(kinds.index != "experts", "per-task")
+
+
+def task_storage(frame: pd.DataFrame) -> dict[str, int]:
+    """method -> the extra storage per task (bytes) of its per-task modulators."""
+    if "task_storage_bytes" not in frame:
+        return {}
+    stored = frame.dropna(subset=["task_storage_bytes"])
+    return {m: int(v) for m, v in stored.groupby("method").task_storage_bytes.max().items()}
+
+
 def format_hparams(values: dict[str, Any]) -> str:
     """``k=0.2, lam=0.5, rescale.factor=1.2``: a cell's hyperparameters in one short line."""
     return ", ".join(
@@ -140,6 +162,7 @@ def table(frame: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
         std=std,
         seeds=count.loc[order],
         data=data_access(frame).reindex(order),
+        kind=model_kind(frame).reindex(order),
         compute=compute_ratio(frame).reindex(order),
         hparams=chosen_hparams(frame).reindex(order).fillna(""),
     )
@@ -163,7 +186,7 @@ def _fmt(mean: float, std: float, bold: bool, pm: str = "±") -> tuple[str, bool
 
 
 def _cells(summary: pd.DataFrame, pm: str = "±") -> list[tuple[str, list[tuple[str, bool]]]]:
-    """(method, [(text, bold)] per value column, then data, compute and seeds) per row.
+    """(method, [(text, bold)] per value column, then data, model, compute and seeds) per row.
 
     The best merged value per column is bold; the reference rows (pretrained, experts, mtl)
     never are: they bound, they don't compete.
@@ -171,6 +194,7 @@ def _cells(summary: pd.DataFrame, pm: str = "±") -> list[tuple[str, list[tuple[
     std = summary.attrs.get("std", summary * np.nan)
     seeds = summary.attrs.get("seeds", pd.Series(dtype=float))
     data = summary.attrs.get("data", pd.Series(dtype=object))
+    kind = summary.attrs.get("kind", pd.Series(dtype=object))
     compute = summary.attrs.get("compute", pd.Series(dtype=float))
     competing = [m for m in summary.index if m not in REFERENCES]
     best = summary.loc[competing].max() if competing else summary.max() * np.nan
@@ -187,6 +211,7 @@ def _cells(summary: pd.DataFrame, pm: str = "±") -> list[tuple[str, list[tuple[
         ]
         extra = [
             (str(data.get(method, "–")), False),
+            (str(kind.get(method, "one")), False),
             (format_compute(float(compute.get(method, np.nan))), False),
             (str(seeds.get(method, "–")), False),
         ]
@@ -195,7 +220,7 @@ def _cells(summary: pd.DataFrame, pm: str = "±") -> list[tuple[str, list[tuple[
 
 
 def headers(summary: pd.DataFrame) -> list[str]:
-    return ["method", *summary.columns, "data", "compute", "seeds"]
+    return ["method", *summary.columns, "data", "model", "compute", "seeds"]
 
 
 def _hparams(summary: pd.DataFrame) -> pd.Series:
@@ -228,7 +253,7 @@ def render_markdown(summary: pd.DataFrame) -> str:
         headers=headers(summary),
         tablefmt="pipe",
         disable_numparse=True,
-        colalign=("left", *["right"] * len(summary.columns), "left", "right", "right"),
+        colalign=("left", *["right"] * len(summary.columns), "left", "left", "right", "right"),
     )
 
 
@@ -248,6 +273,8 @@ class Provenance:
     dates: tuple[str, str]
     """First and last cell's creation time (UTC)."""
     seeds: tuple[int, ...]
+    task_storage: dict[str, int]
+    """method -> extra bytes per task of a ``per-task`` row's masks/rescalers (none: {})."""
 
 
 def _unique(values) -> tuple:
@@ -286,6 +313,7 @@ def provenance(frame: pd.DataFrame) -> Provenance:
         devices=_unique(cells.get("device", pd.Series(dtype=str))),
         dates=dates,
         seeds=tuple(int(s) for s in sorted(pd.unique(cells.seed))),
+        task_storage=task_storage(cells),
     )
 
 
@@ -304,7 +332,20 @@ def provenance_lines(prov: Provenance) -> list[tuple[str, str]]:
         ("device", join(prov.devices, "; ")),
         ("date", prov.dates[0] if prov.dates[0] == prov.dates[1] else " – ".join(prov.dates)),
         ("seeds", join(prov.seeds)),
-    ]
+    ] + ([("per-task storage", _storage_line(prov.task_storage))] if prov.task_storage else [])
+
+
+def _storage_line(storage: dict[str, int]) -> str:
+    """``emr 3.0 KiB, tall_masks 2.9 KiB per task`` (beside the shared merged model)."""
+    sizes = ", ".join(f"{m} {_bytes(n)}" for m, n in sorted(storage.items()))
+    return f"{sizes} per task, beside the shared merged model"
+
+
+def _bytes(count: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
 
 
 # --- documents ----------------------------------------------------------------------------
@@ -345,7 +386,9 @@ def markdown_document(b: Board, images: Sequence[tuple[str, str]] = (), extra: s
         render_markdown(b.summary),
         "Columns: tasks, `avg` = mean absolute accuracy, `norm. avg` = mean of merged / "
         "individual expert per task; mean ± std over `seeds`; **bold** = best merged value; "
-        "`data` = data the method touched; `compute` = optimizer steps / fine-tuning the experts.",
+        "`data` = data the method touched; `model` = `one` merged model, or `per-task` (a "
+        "model per task: needs the task id at inference); `compute` = optimizer steps / "
+        "fine-tuning the experts.",
         *([hparams_markdown(b.summary)] if hparams_lines(b.summary) else []),
         *(f"![{alt}]({name})" for alt, name in images),
         "### Provenance\n\n"
@@ -373,6 +416,7 @@ def render_csv(b: Board) -> str:
         out[col] = s[col].round(4)
         out[f"{col} std"] = s.attrs["std"][col].round(4)
     out["data"] = s.attrs["data"]
+    out["model"] = s.attrs["kind"]
     out["compute"] = s.attrs["compute"].round(4)
     out["seeds"] = s.attrs["seeds"]
     out["hparams"] = _hparams(s)
@@ -394,6 +438,7 @@ def json_document(b: Board, reported: Sequence[dict[str, Any]] = ()) -> dict[str
             "mean": {col: _number(s.at[method, col]) for col in s.columns},
             "std": {col: _number(s.attrs["std"].at[method, col]) for col in s.columns},
             "data": s.attrs["data"].get(method),
+            "model": s.attrs["kind"].get(method),
             "compute": _number(float(s.attrs["compute"].get(method, np.nan))),
             "seeds": int(s.attrs["seeds"].get(method)),
             "hparams": _hparams(s).get(method) or None,
@@ -432,7 +477,7 @@ def render_latex(b: Board) -> str:
         r"\centering",
         rf"\caption{{{latex_escape(b.suite)} / {latex_escape(b.model)}: test accuracy (\%), "
         r"mean $\pm$ std over seeds; best merged value in bold.}",
-        r"\begin{tabular}{l" + "r" * len(s.columns) + "lrr}",
+        r"\begin{tabular}{l" + "r" * len(s.columns) + "llrr}",
         r"\toprule",
         head,
         r"\midrule",

@@ -150,6 +150,17 @@ class MergeMethod:
     stacked ``[T, ...]`` tensor: the loop then skips the stacked copy, which is most of an
     elementwise merge's memory traffic. Such a merge must take a stacked tensor too
     (iterating it gives the T tensors), as :mod:`atmbench.kernels` does."""
+    per_task: Callable[..., Tensor] | None = None
+    """For a method that keeps one shared merged vector plus small per-task modulators and
+    so needs the task id at inference (EMR's masks and rescalers, TALL masks):
+    ``per_task(shared, task_vector, index, ctx, **hparams)`` -> task ``index``'s unscaled
+    task vector of this parameter, from the shared one (what ``merge`` returned) and the
+    task's own τ_t (float32, whole tensors). The runner evaluates task t with
+    θ0 + scale · that, picks hyperparameters per task on validation, and lets no refiner
+    follow; :func:`atmbench.merge_per_task` builds the models."""
+    per_task_bytes: Callable[[int], int] | None = None
+    """Extra storage per task, in bytes, for ``d`` merged entries (a 1-bit mask: ⌈d/8⌉):
+    stored with each cell and shown in the leaderboards' provenance."""
     aliases: tuple[str, ...] = ()
     """Other names a spec may use (``consensus`` for ``consensus_ta``); rows use ``name``."""
     version: str = "1"
@@ -163,6 +174,10 @@ class MergeMethod:
             )
         if self.adapt is not None and self.prepare is not None:
             raise ValueError(f"method {self.name!r}: adapt replaces prepare, give one of them")
+        if (self.per_task is None) != (self.per_task_bytes is None):
+            raise ValueError(
+                f"method {self.name!r}: per_task and per_task_bytes go together (one is unset)"
+            )
         names = [h.name for h in self.all_hparams()]
         if len(names) != len(set(names)):
             raise ValueError(f"method {self.name!r} declares a hyperparameter twice: {names}")

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from atmbench.finetune import TrainStats
 from atmbench.hparams import HParam
-from atmbench.method import DATA_ACCESS, MergeMethod
+from atmbench.method import DATA_ACCESS, MergeMethod, TaskVectors
 from atmbench.suite import Benchmark
 
 
@@ -32,6 +32,9 @@ class RefineRequest:
     private: Mapping[str, Mapping[str, Tensor]] = field(default_factory=dict)
     """task -> the private parameters that go with ``start`` (the experts'); a task
     missing starts from its initial ones."""
+    vectors: TaskVectors | None = None
+    """The experts' task vectors that ``method`` merged (read a parameter at a time), for
+    refiners that rescale a merge by them (LiNeS); ``None`` when no method ran."""
 
 
 @dataclass

@@ -32,7 +32,7 @@ from atmbench.provenance import device_name, git_commit, peak_memory_mb, version
 from atmbench.refiner import Refiner, RefineRequest, RefineResult
 from atmbench.spec import REFERENCES, Cell, MethodSpec, describe, describe_refiner, parse_spec
 from atmbench.store import CellRecord, ResultStore
-from atmbench.streaming import merged_task_vector
+from atmbench.streaming import merged_task_vector, merged_with_state, task_vector
 from atmbench.suite import Benchmark
 
 Private = Mapping[str, Mapping[str, Tensor]]
@@ -55,6 +55,13 @@ def plan(
     model = suite_obj.check_model(model or suite_obj.models[0])
     methods, refiners = registry.methods(), registry.refiners()
     parsed = [parse_spec(s, methods, refiners) for s in specs if s not in REFERENCES]
+    for spec in parsed:
+        if spec.method and spec.refiners and methods[spec.method.name].per_task:
+            raise ValueError(
+                f"method {spec.method.name!r} keeps one model per task (it needs the task id), "
+                f"so no refiner can follow it: run {spec.method.name!r} without "
+                f"'+{spec.refiners[0].name}'"
+            )
     cells = []
     for seed in seeds:
         base = {"suite_version": suite_obj.version}
@@ -135,19 +142,36 @@ class Workspace:
         }
 
 
+@dataclass
+class TaskStates:
+    """One model per task (a per-task method: EMR, TALL masks): task -> its state dict,
+    built when the task is evaluated, so one model is in memory at a time."""
+
+    build: Callable[[str], dict[str, Tensor]]
+
+    def __call__(self, task: str) -> dict[str, Tensor]:
+        return self.build(task)
+
+
+State = Mapping[str, Tensor] | TaskStates
+"""A merged model, or one per task."""
+
+
 def _scores(
     bench: Benchmark,
-    state: Mapping[str, Tensor],
+    state: State,
     splits: Iterable[str],
     tasks: Iterable[str],
     private: Private | None = None,
 ) -> dict[tuple[str, str], float]:
-    """(task, split) -> the task's first metric, with one backbone built for all tasks."""
-    backbone = bench.backbone(dict(state))
+    """(task, split) -> the task's first metric, with one backbone built for all tasks
+    (one per task for :class:`TaskStates`)."""
+    shared = None if isinstance(state, TaskStates) else bench.backbone(dict(state))
     workers = getattr(bench, "num_workers", 0)
     private = private or {}
     out = {}
     for t in tasks:
+        backbone = shared if shared is not None else bench.backbone(state(t))
         model = bench.task_model(t, backbone, dict(private[t]) if private.get(t) else None)
         for s in splits:
             out[t, s] = score(model, bench.dataset(t, s), bench.metrics(t), num_workers=workers)
@@ -156,7 +180,7 @@ def _scores(
 
 def evaluate_state(
     bench: Benchmark,
-    state: Mapping[str, Tensor],
+    state: State,
     split: str,
     tasks: Iterable[str] | None = None,
     private: Private | None = None,
@@ -168,7 +192,7 @@ def evaluate_state(
 
 def evaluate_splits(
     bench: Benchmark,
-    state: Mapping[str, Tensor],
+    state: State,
     tasks: Iterable[str] | None = None,
     private: Private | None = None,
 ) -> dict[tuple[str, str], float]:
@@ -186,6 +210,8 @@ class Outcome:
     stats: TrainStats
     trace: list | None = None
     merge_time_s: float | None = None
+    task_storage_bytes: int | None = None
+    """Extra storage per task of a per-task method's modulators (None: one model)."""
 
 
 def _max_access(*levels: str | None) -> str:
@@ -239,6 +265,8 @@ def select_on_validation(
         scales = list(scale.search or (scale.default,))
     combos = hp.grid(method.hparams, fixed)
     searched = len(combos) * len(scales) > 1
+    if method.per_task:
+        return _select_per_task(bench, method, combos, scales, base, vectors, seed, stats, private)
     best: tuple[float, dict, dict] | None = None
     merge_time = 0.0
     for combo in combos:
@@ -262,6 +290,55 @@ def select_on_validation(
                 best = (mean, state, chosen)
     assert best is not None
     return best[1], best[2], True, merge_time
+
+
+def _select_per_task(
+    bench: Benchmark,
+    method: MergeMethod,
+    combos: list[dict[str, Any]],
+    scales: list[float],
+    base: Mapping[str, Tensor],
+    vectors,
+    seed: int,
+    stats: Mapping[str, Mapping[str, Tensor]] | None,
+    private: Private | None,
+) -> tuple[TaskStates, dict[str, Any], bool, float]:
+    """:func:`select_on_validation` for a per-task method: task t's model depends on t's
+    hyperparameters only, so each task keeps the candidate best on *its own* validation
+    split (TALL masks' protocol; the first of equals). A hyperparameter chosen differently
+    across tasks is stored per task, as ``NAME.TASK``."""
+    scale = method.scale
+    candidates = []  # (hyperparameters, task -> state builder)
+    merge_time = 0.0
+    for combo in combos:
+        started = time.perf_counter()
+        shared, state = merged_with_state(method, base, vectors, combo, seed, stats)
+        merge_time += time.perf_counter() - started
+        for value in scales:
+
+            def build(task, combo=combo, shared=shared, state=state, value=value):
+                own = task_vector(method, base, vectors, shared, combo, state, task, seed)
+                return combine(base, own, value, consume=True)
+
+            candidates.append((dict(combo, **({scale.name: value} if scale else {})), build))
+    if len(candidates) == 1:
+        chosen, build = candidates[0]
+        return TaskStates(build), chosen, False, merge_time
+    best: dict[str, tuple[float, int]] = {}
+    for index, (_, build) in enumerate(candidates):
+        scores = evaluate_state(bench, TaskStates(build), "val", private=private)
+        for task, accuracy in scores.items():
+            if task not in best or accuracy > best[task][0]:
+                best[task] = (accuracy, index)
+    pick = {task: best[task][1] for task in bench.tasks}
+    chosen = {}
+    for name in candidates[0][0]:
+        values = {task: candidates[i][0][name] for task, i in pick.items()}
+        if len(set(values.values())) == 1:
+            chosen[name] = next(iter(values.values()))
+        else:
+            chosen.update({f"{name}.{task}": v for task, v in values.items()})
+    return TaskStates(lambda task: candidates[pick[task]][1](task)), chosen, True, merge_time
 
 
 def refine_on_validation(
@@ -302,19 +379,21 @@ def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
     method = None
     state = base
     private: Private = {}
+    vectors = None
     if spec.method:
         method = methods[spec.method.name]
         source = cell.identity.get("experts")
         experts = ws.experts(bench, cell.seed, source)
         stats += experts.total()
         private = experts.private()
+        vectors = experts.vectors()
         data_stats = ws.statistics(bench, cell.seed, method.needs, source) if method.needs else None
         state, chosen, searched, merge_time = select_on_validation(
             bench,
             method,
             spec.method.fixed,
             base,
-            experts.vectors(),
+            vectors,
             cell.seed,
             data_stats,
             private,
@@ -337,6 +416,7 @@ def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
             progress=ws.progress,
             from_base=from_base,
             private=private,
+            vectors=vectors,
         )
         result, refined, spent = refine_on_validation(bench, refiner, part.fixed, request)
         state, trace = result.state, result.trace
@@ -350,7 +430,11 @@ def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
             "validation" if refined else None,
         )
     scores = evaluate_splits(bench, state, private=private)
-    return Outcome(scores, chosen, access, stats, trace, merge_time)
+    storage = None
+    if method is not None and method.per_task_bytes is not None:
+        entries = sum(b.numel() for b in base.values() if b.is_floating_point())
+        storage = method.per_task_bytes(entries)
+    return Outcome(scores, chosen, access, stats, trace, merge_time, storage)
 
 
 def execute(cell: Cell, ws: Workspace) -> CellRecord:
@@ -373,6 +457,7 @@ def execute(cell: Cell, ws: Workspace) -> CellRecord:
         record.data_access = outcome.data_access
         record.steps, record.examples = outcome.stats.steps, outcome.stats.examples
         record.merge_time_s = outcome.merge_time_s
+        record.task_storage_bytes = outcome.task_storage_bytes
         record.trace = outcome.trace
     record.wall_time_s = time.perf_counter() - started
     record.peak_mem_mb = peak_memory_mb(ws.device)

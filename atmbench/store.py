@@ -39,6 +39,7 @@ CELL_COLUMNS = {
     "git_commit": "TEXT",
     "created_at": "REAL NOT NULL",
     "trace": "TEXT",
+    "task_storage_bytes": "INTEGER",
 }
 TABLES = f"""
 CREATE TABLE IF NOT EXISTS cells ({", ".join(f"{k} {v}" for k, v in CELL_COLUMNS.items())});
@@ -56,7 +57,8 @@ CREATE VIEW rows AS
     SELECT c.cell_key, c.suite, c.model, c.method, c.seed, r.task, r.split, r.accuracy,
            r.rowid AS position,
            c.data_access, c.hparams, c.config, c.steps, c.examples, c.merge_time_s,
-           c.wall_time_s, c.peak_mem_mb, c.device, c.versions, c.git_commit, c.created_at
+           c.wall_time_s, c.peak_mem_mb, c.device, c.versions, c.git_commit, c.created_at,
+           c.task_storage_bytes
     FROM results r JOIN cells c USING (cell_key) WHERE c.status = 'ok';
 """
 
@@ -87,6 +89,8 @@ class CellRecord:
     versions: Mapping[str, str] = field(default_factory=dict)
     git_commit: str | None = None
     trace: list | None = None
+    task_storage_bytes: int | None = None
+    """Extra storage per task of a method with one model per task (None: one model)."""
 
 
 def _cell_columns(record: CellRecord) -> dict[str, Any]:
@@ -112,6 +116,7 @@ def _cell_columns(record: CellRecord) -> dict[str, Any]:
         "git_commit": record.git_commit,
         "created_at": time.time(),
         "trace": None if record.trace is None else json.dumps(record.trace),
+        "task_storage_bytes": record.task_storage_bytes,
     }
 
 

@@ -212,6 +212,20 @@ def merged_task_vector(
     """Stream ``method`` over every parameter; return the unscaled merged task vector (fp32),
     in tensors of its own (no input's memory). ``learned``: the state an ``adapt`` method
     learned (``AdaptResult.state``), which such a method needs in place of ``prepare``'s."""
+    return merged_with_state(method, base, vectors, hparams, seed, stats, learned)[0]
+
+
+def merged_with_state(
+    method: MergeMethod,
+    base: Mapping[str, Tensor],
+    vectors: TaskVectors,
+    hparams: Mapping[str, Any],
+    seed: int = 0,
+    stats: Mapping[str, Any] | None = None,
+    learned: Any = None,
+) -> tuple[dict[str, Tensor], Any]:
+    """:func:`merged_task_vector` and the method's state (``prepare``'s, or ``learned``):
+    what a per-task method's :func:`task_vector` needs."""
     if method.adapt is not None and learned is None:
         raise ValueError(
             f"method {method.name!r} learns its state from a benchmark's data (adapt): "
@@ -222,6 +236,34 @@ def merged_task_vector(
     out = dict(merged_parameters(method, base, vectors, hparams, state, seed, stats))
     if method.finish:
         method.finish(state, out)
+    return out, state
+
+
+def task_vector(
+    method: MergeMethod,
+    base: Mapping[str, Tensor],
+    vectors: TaskVectors,
+    shared: Mapping[str, Tensor],
+    hparams: Mapping[str, Any],
+    state: Any,
+    task: str,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """Task ``task``'s unscaled task vector under a per-task method (``method.per_task``),
+    parameter by parameter from the shared merged vector ``shared`` and τ_task; integer
+    buffers get zeros (θ keeps the base's values)."""
+    if method.per_task is None:
+        raise ValueError(f"method {method.name!r} merges into one model: it has no per-task one")
+    index = vectors.tasks.index(task)
+    tasks = tuple(vectors.tasks)
+    out = {}
+    for key, b in base.items():
+        if not b.is_floating_point():
+            out[key] = torch.zeros_like(b, dtype=torch.float32)
+            continue
+        ctx = TensorContext(key, tasks, seed, state)
+        own = vectors.get(task, key).float()
+        out[key] = method.per_task(shared[key], own, index, ctx, **hparams)
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from atmbench.leaderboard import render_markdown, table
+from atmbench.leaderboard import provenance, provenance_lines, render_markdown, table
 
 
 def _frame():
@@ -45,14 +45,15 @@ def _frame():
 #             exact and rounds half to even)
 # experts     80, 100, avg 90, norm 100
 # Bold: best of ta/average per column (ta on b_task, avg, norm. avg; average on a_task).
-# data: the cells' data access; compute: steps / experts' steps (0/100 = 0x, 100/100 = 1.0x).
+# data: the cells' data access; model: one merged model (the experts: one per task);
+# compute: steps / experts' steps (0/100 = 0x, 100/100 = 1.0x).
 EXPECTED = """\
-| method     |         b_task |         a_task |            avg |      norm. avg | data   |   compute |   seeds |
-|:-----------|---------------:|---------------:|---------------:|---------------:|:-------|----------:|--------:|
-| pretrained |     41.0 ± 1.4 |     61.0 ± 1.4 |     51.0 ± 1.4 |     56.1 ± 1.6 | none   |        0x |       2 |
-| ta         | **62.0 ± 2.8** |     82.0 ± 2.8 | **72.0 ± 2.8** | **79.8 ± 3.2** | none   |      1.0x |       2 |
-| average    |     50.0 ± 0.0 | **90.0 ± 0.0** |     70.0 ± 0.0 |     76.2 ± 0.0 | none   |      1.0x |       2 |
-| experts    |     80.0 ± 0.0 |    100.0 ± 0.0 |     90.0 ± 0.0 |    100.0 ± 0.0 | train  |      1.0x |       2 |"""
+| method     |         b_task |         a_task |            avg |      norm. avg | data   | model    |   compute |   seeds |
+|:-----------|---------------:|---------------:|---------------:|---------------:|:-------|:---------|----------:|--------:|
+| pretrained |     41.0 ± 1.4 |     61.0 ± 1.4 |     51.0 ± 1.4 |     56.1 ± 1.6 | none   | one      |        0x |       2 |
+| ta         | **62.0 ± 2.8** |     82.0 ± 2.8 | **72.0 ± 2.8** | **79.8 ± 3.2** | none   | one      |      1.0x |       2 |
+| average    |     50.0 ± 0.0 | **90.0 ± 0.0** |     70.0 ± 0.0 |     76.2 ± 0.0 | none   | one      |      1.0x |       2 |
+| experts    |     80.0 ± 0.0 |    100.0 ± 0.0 |     90.0 ± 0.0 |    100.0 ± 0.0 | train  | per-task |      1.0x |       2 |"""
 
 
 def test_exact_markdown_for_a_fixed_frame():
@@ -64,3 +65,20 @@ def test_normalized_average_is_per_task_then_mean():
     # ta, seed 0: (60/80 + 80/100) / 2 = 77.5; seed 1: (64/80 + 84/100) / 2 = 82.0
     assert abs(summary.at["ta", "norm. avg"] - (77.5 + 82.0) / 2) < 1e-9
     assert list(summary.index) == ["pretrained", "ta", "average", "experts"]
+
+
+def test_model_column_and_per_task_storage_in_the_provenance():
+    frame = _frame()
+    extra = frame[frame.method == "ta"].assign(method="emr", task_storage_bytes=3076)
+    frame = pd.concat([frame.assign(task_storage_bytes=None), extra], ignore_index=True)
+    summary = table(frame)
+    assert summary.attrs["kind"].to_dict() == {
+        "pretrained": "one",
+        "ta": "one",
+        "emr": "per-task",
+        "average": "one",
+        "experts": "per-task",
+    }
+    lines = dict(provenance_lines(provenance(frame.assign(created_at=0.0))))
+    assert lines["per-task storage"] == "emr 3.0 KiB per task, beside the shared merged model"
+    assert "per-task storage" not in dict(provenance_lines(provenance(_frame())))

@@ -120,15 +120,15 @@ Produced by: `atmbench run --suite s --model m --methods ta,ta+atm,fisher --seed
 
 ## s / m  (test accuracy, %)
 
-| method     |         b_task |      a_task |            avg |      norm. avg | data       |   compute |   seeds |
-|:-----------|---------------:|------------:|---------------:|---------------:|:-----------|----------:|--------:|
-| pretrained |     41.0 ± 1.4 |  61.0 ± 1.4 |     51.0 ± 1.4 |     56.1 ± 1.6 | none       |        0x |       2 |
-| ta+atm     | **72.0 ± 0.0** |  90.0 ± 0.0 | **81.0 ± 0.0** | **90.0 ± 0.0** | validation |      1.2x |       2 |
-| fisher     |           60.0 |    **95.0** |           77.5 |           85.0 | train      |      1.1x |       1 |
-| ta         |     62.0 ± 2.8 |  82.0 ± 2.8 |     72.0 ± 2.8 |     79.8 ± 3.2 | none       |      1.0x |       2 |
-| experts    |     80.0 ± 0.0 | 100.0 ± 0.0 |     90.0 ± 0.0 |    100.0 ± 0.0 | train      |      1.0x |       2 |
+| method     |         b_task |      a_task |            avg |      norm. avg | data       | model    |   compute |   seeds |
+|:-----------|---------------:|------------:|---------------:|---------------:|:-----------|:---------|----------:|--------:|
+| pretrained |     41.0 ± 1.4 |  61.0 ± 1.4 |     51.0 ± 1.4 |     56.1 ± 1.6 | none       | one      |        0x |       2 |
+| ta+atm     | **72.0 ± 0.0** |  90.0 ± 0.0 | **81.0 ± 0.0** | **90.0 ± 0.0** | validation | one      |      1.2x |       2 |
+| fisher     |           60.0 |    **95.0** |           77.5 |           85.0 | train      | one      |      1.1x |       1 |
+| ta         |     62.0 ± 2.8 |  82.0 ± 2.8 |     72.0 ± 2.8 |     79.8 ± 3.2 | none       | one      |      1.0x |       2 |
+| experts    |     80.0 ± 0.0 | 100.0 ± 0.0 |     90.0 ± 0.0 |    100.0 ± 0.0 | train      | per-task |      1.0x |       2 |
 
-Columns: tasks, `avg` = mean absolute accuracy, `norm. avg` = mean of merged / individual expert per task; mean ± std over `seeds`; **bold** = best merged value; `data` = data the method touched; `compute` = optimizer steps / fine-tuning the experts.
+Columns: tasks, `avg` = mean absolute accuracy, `norm. avg` = mean of merged / individual expert per task; mean ± std over `seeds`; **bold** = best merged value; `data` = data the method touched; `model` = `one` merged model, or `per-task` (a model per task: needs the task id at inference); `compute` = optimizer steps / fine-tuning the experts.
 
 ![s / m: test accuracy per task and method](s-m.png)
 
@@ -217,16 +217,16 @@ def test_latex_booktabs(fixture_store, tmp_path):
     )
     body = text[text.index(r"\begin{tabular}") :].splitlines()
     assert body[:4] == [
-        r"\begin{tabular}{lrrrrlrr}",
+        r"\begin{tabular}{lrrrrllrr}",
         r"\toprule",
-        r"method & b\_task & a\_task & avg & norm. avg & data & compute & seeds \\",
+        r"method & b\_task & a\_task & avg & norm. avg & data & model & compute & seeds \\",
         r"\midrule",
     ]
     assert (
         r"ta+atm & \textbf{72.0 $\pm$ 0.0} & 90.0 $\pm$ 0.0 & \textbf{81.0 $\pm$ 0.0} & "
-        r"\textbf{90.0 $\pm$ 0.0} & validation & 1.2x & 2 \\"
+        r"\textbf{90.0 $\pm$ 0.0} & validation & one & 1.2x & 2 \\"
     ) in body
-    assert r"fisher & 60.0 & \textbf{95.0} & 77.5 & 85.0 & train & 1.1x & 1 \\" in body
+    assert r"fisher & 60.0 & \textbf{95.0} & 77.5 & 85.0 & train & one & 1.1x & 1 \\" in body
     # rules: under the header, after pretrained, before experts
     assert body.count(r"\midrule") == 3
     assert body[-3:] == [r"\bottomrule", r"\end{tabular}", r"\end{table}"]

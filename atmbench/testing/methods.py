@@ -385,6 +385,11 @@ def check_public_api(s: Subject) -> None:
     if s.method.adapt is not None:
         raise ConformanceSkip("atmbench.merge refuses methods that learn from data (adapt)")
     base, experts = sample_model()
+    if s.method.per_task:  # one model per task: each from the shared merge and its τ_t
+        models = atmbench.merge_per_task(s.registered_as, base, experts, seed=3, **s.hparams)
+        for task, model in models.items():
+            _same_structure(model, base, f"atmbench.merge_per_task's model of {task!r}")
+        return
     merged = atmbench.merge(s.registered_as, base, experts, seed=3, **s.hparams)
     if not _equal(merged, s.merge(base, experts, seed=3)):
         _fail("atmbench.merge differs from merged_task_vector + combine")

@@ -27,7 +27,7 @@ from atmbench import hparams as hp
 from atmbench import registry
 from atmbench.finetune import Recipe, TrainStats, state_on_cpu
 from atmbench.heads import Classifier
-from atmbench.method import DATA_ACCESS
+from atmbench.method import DATA_ACCESS, InMemoryTaskVectors
 from atmbench.metrics import ACCURACY, Metric
 from atmbench.plugins import NAME_RE
 from atmbench.refiner import Refiner, RefineRequest, RefineResult
@@ -118,6 +118,10 @@ class RefinerSubject:
             k: (v.float() + 0.1 * torch.randn(v.shape, generator=gen)).to(dtype)
             for k, v in base.items()
         }
+        vectors = {  # the experts' task vectors the stand-in merge came from
+            task: {k: 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+            for task in bench.tasks
+        }
         return RefineRequest(
             benchmark=bench,
             base=base,
@@ -128,6 +132,7 @@ class RefinerSubject:
             seed=seed,
             progress=False,
             from_base=from_base,
+            vectors=None if from_base else InMemoryTaskVectors(vectors),
         )
 
     @property
