@@ -27,6 +27,9 @@ SOURCES = {
     "WUDI paper": "R. Cheng et al., Whoever Started the Interference Should End It: Guiding "
     "Data-Free Model Merging via Task Vectors, ICML 2025, arXiv:2503.08099 (table in the "
     "official repository nathanielyvo/WUDI-Merging)",
+    "EMR logs": "C. Huang et al., EMR-Merging: Tuning-Free High-Performance Model Merging, "
+    "NeurIPS 2024, arXiv:2405.17461 (the official repository harveyhuang18/EMR_Merging, "
+    "merge_vit/logs/ViT-B-32 and ViT-L-14 emr_merging logs)",
     "AdaMerging logs": "E. Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task "
     "Learning, ICLR 2024, arXiv:2310.02575 (training logs in the official repository "
     "EnnengYang/AdaMerging, logs/ViT-B-32)",
@@ -83,7 +86,21 @@ FIGURES: tuple[ReportedFigure, ...] = (
     _vision8_b32(
         "adamerging_layer", "Layer-wise AdaMerging", "80.18", "AdaMerging logs", "after 500 steps"
     ),
+    _vision8_b32("pcb", "PCB Merging", "76.3", "WUDI paper", "a baseline in the WUDI table"),
+    _vision8_b32("emr", "EMR-Merging", "88.74", "EMR logs", "one model per task"),
     ReportedFigure("vision8", "ViT-L-14", "cart", "CART", "92.6", "", "CART paper"),
+    ReportedFigure(
+        "vision8",
+        "ViT-L-14",
+        "pcb",
+        "PCB Merging",
+        "87.5",
+        "a baseline in the WUDI table",
+        "WUDI paper",
+    ),
+    ReportedFigure(
+        "vision8", "ViT-L-14", "emr", "EMR-Merging", "93.73", "one model per task", "EMR logs"
+    ),
     ReportedFigure(
         "vision14", "ViT-B-32", "cart", "CART", "79.5", "λ 1.5, rank 0.16", "CART paper"
     ),
