@@ -182,13 +182,15 @@ def _recording_pool(vit: VisionTransformer, recorder: _GramRecorder, key: str) -
         del vit._pool
 
 
-@torch.no_grad()
-def _grams(
-    bench: Benchmark, model: TaskModel, task: str, seed: int
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(``gram``, ``gram_rows``) of the shared weights on the task's statistic examples."""
+@contextmanager
+def recording_grams(
+    root: nn.Module, prefix: str = ""
+) -> Iterator[tuple[_GramRecorder, _GramRecorder]]:
+    """Hooks on ``root``'s weights that record their input Grams while forwards run:
+    ``(columns, rows)`` recorders for ``gram`` and ``gram_rows``, keyed ``prefix`` + the
+    parameter's name in ``root``; read them with ``.grams()``."""
     columns, rows = _GramRecorder(), _GramRecorder()
-    modules = dict(model.backbone.named_modules())
+    modules = dict(root.named_modules())
     attention = {n: m for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
     for name, module in attention.items():
         if module.in_proj_weight is None or module.bias_k is not None or module.add_zero_attn:
@@ -196,16 +198,25 @@ def _grams(
     inside_attention = {id(m.out_proj) for m in attention.values()}
     with ExitStack() as stack:
         for name, module in modules.items():
-            prefix = f"{name}." if name else ""
+            path = prefix + (f"{name}." if name else "")
             if isinstance(module, nn.MultiheadAttention):
-                hook = _attention_hook(prefix, columns)
+                hook = _attention_hook(path, columns)
                 stack.enter_context(module.register_forward_pre_hook(hook, with_kwargs=True))
             elif isinstance(module, nn.Linear) and id(module) not in inside_attention:
-                key = prefix + "weight"
+                key = path + "weight"
                 hook = lambda _m, args, key=key: columns.add(key, args[0])  # noqa: E731
                 stack.enter_context(module.register_forward_pre_hook(hook))
             elif isinstance(module, VisionTransformer) and module.proj is not None:
-                stack.enter_context(_recording_pool(module, rows, prefix + "proj"))
+                stack.enter_context(_recording_pool(module, rows, path + "proj"))
+        yield columns, rows
+
+
+@torch.no_grad()
+def _grams(
+    bench: Benchmark, model: TaskModel, task: str, seed: int
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(``gram``, ``gram_rows``) of the shared weights on the task's statistic examples."""
+    with recording_grams(model.backbone) as (columns, rows):
         model.eval()
         for batch in examples(bench, task, seed, batch_size=GRAM_BATCH):
             model([t.to(bench.device) for t in batch])

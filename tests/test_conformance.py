@@ -19,6 +19,7 @@ from atmbench.testing import (
     CHECKS,
     ConformanceError,
     check_method,
+    gram_like,
     run_pytest,
     sample_model,
     subject,
@@ -33,7 +34,11 @@ def _coefficients(base, tasks):
     return {k: torch.linspace(-0.5, 1.0, len(tasks)) * (i + 1) for i, k in enumerate(base)}
 
 
-LEARNED = {"adamerging": _coefficients, "adamerging_layer": _coefficients}
+LEARNED = {
+    "adamerging": _coefficients,
+    "adamerging_layer": _coefficients,
+    "regmean_pp": gram_like,  # the Grams it takes block by block
+}
 """States for the methods that learn theirs from a benchmark (adapt)."""
 
 

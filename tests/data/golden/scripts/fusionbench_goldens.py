@@ -1,12 +1,14 @@
 """Goldens from FusionBench 0.2.33's own implementations: ``tox -e goldens-fusionbench``.
 
 Writes magmax, model_stock_angle and wudi_matrices .safetensors, and through
-``adamerging_fb.py`` adamerging_inputs and adamerging (RECIPE.md says what each holds).
+``adamerging_fb.py`` adamerging_inputs and adamerging, through ``regmean_pp_fb.py``
+regmean_pp_inputs and regmean_pp (RECIPE.md says what each holds).
 """
 
 from __future__ import annotations
 
 import adamerging_fb
+import regmean_pp_fb
 import torch
 from common import TASKS, inputs, module, save
 from fusion_bench.method.magmax.magmax import MagMaxAlgorithm
@@ -35,6 +37,7 @@ def main() -> None:
     merged = wudi_merging(vectors, accelerator="cpu", iter_num=300)  # the function's default
     save("wudi_matrices", {k: v.detach() for k, v in merged.items()})
     adamerging_fb.main()
+    regmean_pp_fb.main()
 
 
 if __name__ == "__main__":
