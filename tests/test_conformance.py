@@ -38,6 +38,10 @@ LEARNED = {
     "adamerging": _coefficients,
     "adamerging_layer": _coefficients,
     "regmean_pp": gram_like,  # the Grams it takes block by block
+    "localize_stitch": lambda base, tasks: {  # overlapping per-task masks
+        k: torch.rand((len(tasks), *b.shape), generator=torch.Generator().manual_seed(i)) > 0.5
+        for i, (k, b) in enumerate(base.items())
+    },
 }
 """States for the methods that learn theirs from a benchmark (adapt)."""
 
