@@ -2,12 +2,14 @@
 
 Writes magmax, model_stock_angle and wudi_matrices .safetensors, and through
 ``adamerging_fb.py`` adamerging_inputs and adamerging, through ``regmean_pp_fb.py``
-regmean_pp_inputs and regmean_pp (RECIPE.md says what each holds).
+regmean_pp_inputs and regmean_pp, through ``masks_fb.py`` dare_ties_p05 (+ masks) and doge
+(RECIPE.md says what each holds).
 """
 
 from __future__ import annotations
 
 import adamerging_fb
+import masks_fb
 import regmean_pp_fb
 import torch
 from common import TASKS, inputs, module, save
@@ -37,6 +39,8 @@ def main() -> None:
     merged = wudi_merging(vectors, accelerator="cpu", iter_num=300)  # the function's default
     save("wudi_matrices", {k: v.detach() for k, v in merged.items()})
     adamerging_fb.main()
+    masks_fb.dare_ties()
+    masks_fb.doge()
     regmean_pp_fb.main()
 
 
