@@ -231,6 +231,19 @@ def test_wudi_reduces_the_interference_and_keeps_orthogonal_task_vectors_summed(
     assert torch.equal(atmbench.merge("wudi", base, experts)[FC], torch.tensor([[1.0, -2.0]]))
 
 
+def test_wudi_budget_is_absolute_so_large_task_vectors_stay_near_their_sum():
+    # The minimiser of the example above is B A⁻¹ = [2, 1]·[[1, -1], [-1, 3]] = [1, 1], at
+    # distance 1 from the start [2, 1]; Adam moves an entry ~lr = 1e-5 a step, so the
+    # authors' 300 steps go 3e-3 of the way (why wudi trails TA on digits8: wudi.py).
+    base, experts = _wudi_inputs([1.0, 0.0], [1.0, 1.0])
+    merged = atmbench.merge("wudi", base, experts)[FC]
+    assert (merged - torch.tensor([[2.0, 1.0]])).abs().max() <= 300 * 1e-5 * 1.05
+    # the same problem at 1/1000 the scale: the minimiser [1e-3, 1e-3] is within reach
+    small = {t: {k: v * 1e-3 for k, v in e.items()} for t, e in experts.items()}
+    merged = atmbench.merge("wudi:steps=2000", base, small)[FC]
+    assert torch.allclose(merged, torch.tensor([[1e-3, 1e-3]]), atol=2e-5, rtol=0)
+
+
 def test_wudi_matches_fusionbench():
     got = golden_delta("wudi", {"scope": "matrices", "steps": 300})
     assert_matches(got, "wudi_matrices", atol=3e-6)  # float32 Adam vs float64
