@@ -137,11 +137,15 @@ class CheckpointReader(Mapping[str, Tensor]):
     def __len__(self) -> int:
         return len(self.entries)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self.entries  # Mapping's default would read the tensor
+
     def __getitem__(self, key: str) -> Tensor:
-        if self._last is None or self._last[0] != key:
+        last = self._last  # one read of the cache: a read-ahead thread may replace it
+        if last is None or last[0] != key:
             self._last = None  # the previous tensor is freed before the next is read
-            self._last = (key, self.rows(key, ...))
-        return self._last[1]
+            last = self._last = (key, self.rows(key, ...))
+        return last[1]
 
     def rows(self, key: str, rows: Any) -> Tensor:
         """Rows ``rows`` (a slice of leading rows, ``...`` for all, ``None`` for a ``meta``
@@ -297,12 +301,16 @@ class CheckpointWriter:
             _read_into(self.files[shard], offset, tensor)
         return tensor
 
-    def close(self) -> list[Path]:
-        """Check every tensor was written, close the shards, write the index; the files."""
-        missing = sorted(set(self.layout) - self._written)
+    def abort(self) -> None:
+        """Close the shards of a merge that failed (they stay, incomplete)."""
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+    def close(self) -> list[Path]:
+        """Check every tensor was written, close the shards, write the index; the files."""
+        missing = sorted(set(self.layout) - self._written)
+        self.abort()
         if missing:
             raise CheckpointError(f"{len(missing)} tensor(s) never written, e.g. {missing[:3]}")
         if len(self.files) > 1:

@@ -288,9 +288,11 @@ class DifferenceTaskVectors:
         tuned = _rows_of(self._experts[task], key, rows)
         if key not in self._base:  # left to check_keys, which names the key
             return tuned
-        difference = tuned.to(torch.float32, copy=True)
-        # θ0 promoted to float32 exactly, as finetune.task_vector computes it
-        return difference.sub_(self._base_rows(key, rows))
+        # θ0 promoted to float32 exactly, as finetune.task_vector computes it: once per
+        # block for all tasks (a float32 - bfloat16 subtraction converts on every call, at
+        # twice the cost of a same-dtype one)
+        base = self._base_rows(key, rows)
+        return tuned.to(torch.float32, copy=True).sub_(base)
 
     def get(self, task: str, key: str) -> Tensor:
         return self.rows(task, key, ...)
@@ -300,7 +302,8 @@ class DifferenceTaskVectors:
 
     def _base_rows(self, key: str, rows: Any) -> Tensor:
         if self._last is None or self._last[0] != key or self._last[1] != rows:
-            self._last = (key, rows, _rows_of(self._base, key, rows))
+            self._last = None  # the previous rows are freed before the next are read
+            self._last = (key, rows, _rows_of(self._base, key, rows).float())
         return self._last[2]
 
 
@@ -405,6 +408,9 @@ def _combined(base: Tensor, delta: Tensor, scale: float, consume: bool) -> Tenso
     if not base.is_floating_point():  # an integer buffer: the base's value, never merged
         return base.clone()
     # scale · Δ, then θ0 added in place: never a second model-sized temporary.
-    out = delta.mul_(scale) if consume and delta.dtype == torch.float32 else delta * scale
+    if scale == 1.0 and consume and delta.dtype == torch.float32:
+        out = delta  # · 1 is exact: skip a pass over the tensor
+    else:
+        out = delta.mul_(scale) if consume and delta.dtype == torch.float32 else delta * scale
     out += base
     return out.to(base.dtype)

@@ -22,7 +22,9 @@ tensor (``ctx.out``), so an elementwise merge moves each byte about once.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -127,6 +129,111 @@ def blocks(
         offset = rows.start * row_size if isinstance(rows, slice) else 0
         ctx = TensorContext(key, tuple(vectors.tasks), seed, state, block_stats, offset, scratch)
         yield rows, ctx, block
+
+
+def block_order(
+    method: MergeMethod, base: Mapping[str, Tensor], vectors: TaskVectors
+) -> Iterator[tuple[str, Rows]]:
+    """The ``(key, rows)`` blocks :func:`merged_parameters` asks ``vectors`` for, in order:
+    row blocks of each floating-point parameter for rowwise methods, whole ones otherwise.
+    Needs only shapes and dtypes (``base`` may be a reader's ``meta`` view)."""
+    if not vectors.tasks:
+        return
+    for key, b in base.items():
+        if b.is_floating_point():
+            yield from ((key, rows) for rows in (row_blocks(b.shape) if method.rowwise else [...]))
+
+
+class ReadAhead:
+    """``vectors`` with the task vectors of the next blocks computed in a background thread.
+
+    Why: reading a block from disk and converting it to float32 task vectors costs about as
+    much as merging it, and each is one core's serial work; in a thread (file reads and
+    torch operations release the GIL) the two overlap. ``order`` is the sequence of
+    ``(key, rows)`` the consumer will ask for (:func:`block_order`); up to ``depth`` blocks
+    wait in memory. A request out of that order is computed on the spot (correct, just not
+    ahead). Use as a context manager, so that the thread stops when the merge does.
+    """
+
+    def __init__(
+        self, vectors: TaskVectors, order: Iterable[tuple[str, Rows]], depth: int = 2
+    ) -> None:
+        self.tasks = vectors.tasks
+        self.unchecked = vectors.unchecked
+        self._vectors = vectors
+        self._lock = threading.Lock()  # the wrapped vectors cache their base rows
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._head: tuple[str, Rows, list[Tensor]] | None = None
+        self._done = False
+        self._thread = threading.Thread(target=self._work, args=(iter(order),), daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _compute(self, key: str, rows: Rows) -> list[Tensor]:
+        with self._lock:
+            return [task_rows(self._vectors, t, key, rows) for t in self.tasks]
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self, order: Iterator[tuple[str, Rows]]) -> None:
+        try:
+            for key, rows in order:
+                if not self._put((key, rows, self._compute(key, rows))):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put(exc)
+            return
+        self._put(None)
+
+    def _ahead(self, key: str, rows: Rows) -> list[Tensor] | None:
+        """The block ``(key, rows)`` if it is the next one computed ahead."""
+        if self._head is None and not self._done:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            self._done = item is None
+            self._head = item
+        if self._head is not None and self._head[0] == key and self._head[1] == rows:
+            return self._head[2]
+        return None
+
+    def rows(self, task: str, key: str, rows: Rows) -> Tensor:
+        block = self._ahead(key, rows)
+        if block is None:
+            with self._lock:
+                return task_rows(self._vectors, task, key, rows)
+        index = self.tasks.index(task)
+        tensor = block[index]
+        if index == len(self.tasks) - 1:
+            self._head = None  # every task has its rows: the next block comes
+        return tensor
+
+    def get(self, task: str, key: str) -> Tensor:
+        return self.rows(task, key, ...)
+
+    def stacked(self, key: str) -> Tensor:
+        return torch.stack(same_shape(key, self.tasks, [self.get(t, key) for t in self.tasks]))
+
+    def keys(self, task: str) -> Iterable[str]:
+        return self._vectors.keys(task)
+
+    def peek(self, task: str, key: str) -> Tensor:
+        return peek(self._vectors, task, key)
 
 
 def floating_keys(vectors: TaskVectors) -> list[str]:
