@@ -30,7 +30,7 @@ class Recipe:
     weight_decay: float = 0.1
     warmup_steps: int = 0
     schedule: str = "cosine"
-    """``cosine`` (with linear warm-up) or ``constant``."""
+    """``cosine`` or ``linear`` decay to 0 (after the linear warm-up), or ``constant``."""
     grad_clip: float | None = 1.0
     num_workers: int = 0
 
@@ -62,6 +62,8 @@ def _lr_lambda(recipe: Recipe, total: int):
         if recipe.schedule == "constant":
             return 1.0
         progress = (step - recipe.warmup_steps) / max(1, total - recipe.warmup_steps)
+        if recipe.schedule == "linear":
+            return max(0.0, 1.0 - progress)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
@@ -174,4 +176,16 @@ def task_vector(tuned: dict, base: dict) -> dict:
 
 
 def state_on_cpu(module: nn.Module) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    """The module's state on the CPU, each tied parameter once, under its first name.
+
+    A parameter registered under several names (T5's ``shared`` embedding is also
+    ``encoder.embed_tokens`` and ``decoder.embed_tokens``) is one tensor: stored, merged
+    and counted once, or model-wide thresholds (TIES' top-k) would weigh it thrice.
+    """
+    every = dict(module.named_parameters(remove_duplicate=False))
+    aliases = set(every) - set(dict(module.named_parameters()))
+    return {
+        k: v.detach().to("cpu", copy=True)
+        for k, v in module.state_dict().items()
+        if k not in aliases
+    }

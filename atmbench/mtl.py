@@ -58,11 +58,19 @@ def routed_loss(module: MultiTask, batch: list[Tensor]) -> Tensor:
     positions = 0
     for index in tasks.unique().tolist():
         rows = tasks == index
-        logits, labels = models[index].logits(features[rows], [t[rows] for t in items])
-        total = total + nn.functional.cross_entropy(
-            logits.float().flatten(0, -2), labels.flatten(), ignore_index=IGNORE, reduction="sum"
-        )
-        positions += int((labels != IGNORE).sum())
+        model, part = models[index], [t[rows] for t in items]
+        logits, labels = model.logits(features[rows], part)
+        scored = int((labels != IGNORE).sum())
+        if type(model).loss is not TaskModel.loss:  # a task's own loss (STS-B's regression)
+            total = total + model.loss(part, features[rows]) * scored
+        else:
+            total = total + nn.functional.cross_entropy(
+                logits.float().flatten(0, -2),
+                labels.flatten(),
+                ignore_index=IGNORE,
+                reduction="sum",
+            )
+        positions += scored
     return total / max(1, positions)
 
 
@@ -80,9 +88,9 @@ def ensure_mtl(home: Path, bench: Benchmark, seed: int, progress: bool = True):
 
     def compute():
         backbone = bench.backbone()
-        data = ConcatDataset(
-            [Tagged(bench.dataset(t, "train"), i) for i, t in enumerate(bench.tasks)]
-        )
+        parts = [bench.dataset(t, "train") for t in bench.tasks]
+        data = ConcatDataset([Tagged(d, i) for i, d in enumerate(parts)])
+        data.collate = getattr(parts[0], "collate", None)  # e.g. padding token sequences
         module = MultiTask([bench.task_model(t, backbone) for t in bench.tasks])
         spent = train(
             module,

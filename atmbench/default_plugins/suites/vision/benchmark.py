@@ -71,17 +71,9 @@ def _resident_budget(device: torch.device) -> int:
 def ensure_data(suite: str, model: str, home: Path, tasks: Sequence[str]) -> None:
     """Fetch missing task data unless offline; otherwise say what is missing and how to get it."""
     missing = [t for t in tasks if not data.is_fetched(home, t)]
-    failures = []
-    for task in missing:
-        if data.hub_offline():
-            failures.append(f"{task} ({TASKS[task].path})")
-            continue
-        try:
-            data.fetch(TASKS[task], home)
-        except SuiteDataError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - network, auth, hub errors: all say "fetch it"
-            failures.append(f"{task} ({TASKS[task].path}: {type(exc).__name__}: {exc})")
+    failures = data.fetch_missing(
+        missing, lambda t: data.fetch(TASKS[t], home), lambda t: TASKS[t].path
+    )
     if failures:
         raise SuiteDataError(
             f"suite {suite}: datasets missing from {Path(home) / 'datasets'}: "

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,36 +88,69 @@ def normalise(dataset: Any, spec: TaskSpec) -> Any:
 
 
 def fetch(spec: TaskSpec, home: Path) -> Path:
-    """Download ``spec``'s train and test splits and write the normalised copy atomically.
+    """Download ``spec``'s train and test splits and write the normalised copy atomically."""
+    from datasets import load_dataset
 
-    The hub's own cache goes to a temporary folder under ``home`` and is removed after,
-    so the data is stored once.
-    """
-    from datasets import DatasetDict, load_dataset
-
-    final = task_dir(home, spec.name)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{spec.name}."))
-    try:
+    def build(cache_dir: Path) -> tuple[dict, dict]:
         splits = {}
         for ours, theirs in (("train", spec.train_split), ("test", spec.test_split)):
-            raw = load_dataset(
-                spec.path, spec.config, split=theirs, cache_dir=str(scratch / "hub-cache")
-            )
+            raw = load_dataset(spec.path, spec.config, split=theirs, cache_dir=str(cache_dir))
             splits[ours] = normalise(raw, spec)
-        DatasetDict(splits).save_to_disk(str(scratch / "data"))
         source = {
             "path": spec.path,
             "config": spec.config,
             "splits": {"train": spec.train_split, "test": spec.test_split},
-            "rows": {k: len(v) for k, v in splits.items()},
         }
+        return splits, source
+
+    return save_splits(task_dir(home, spec.name), build)
+
+
+def save_splits(final: Path, build: Callable[[Path], tuple[dict, dict]]) -> Path:
+    """Write ``build(cache_dir)``'s splits and ``source.json`` to ``final`` atomically.
+
+    The hub's own cache goes to a temporary folder beside ``final`` and is removed after,
+    so the data is stored once; a failed fetch leaves nothing behind.
+    """
+    from datasets import DatasetDict
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        splits, source = build(scratch / "hub-cache")
+        DatasetDict(splits).save_to_disk(str(scratch / "data"))
+        source["rows"] = {k: len(v) for k, v in splits.items()}
         (scratch / "data" / SOURCE).write_text(json.dumps(source, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(scratch / "data", final)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return final
+
+
+def fetch_missing(
+    tasks: Sequence[str],
+    fetch_one: Callable[[str], object],
+    origin: Callable[[str], str],
+    offline: bool | None = None,
+) -> list[str]:
+    """Fetch each task unless offline (default: HF_HUB_OFFLINE); the ones that failed.
+
+    Each failure names the task, where it comes from and why. A :class:`SuiteDataError`
+    (data that arrived in the wrong shape) is raised as it is.
+    """
+    failures = []
+    for task in tasks:
+        if hub_offline() if offline is None else offline:
+            failures.append(f"{task} ({origin(task)})")
+            continue
+        try:
+            fetch_one(task)
+        except SuiteDataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - network, auth, hub errors: all say "fetch it"
+            failures.append(f"{task} ({origin(task)}: {type(exc).__name__}: {exc})")
+    return failures
 
 
 def read_source(home: Path, task: str) -> dict:

@@ -13,8 +13,9 @@ import os
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,18 +84,31 @@ def download(suite: str, model: str, home: Path) -> list[str]:
 
     Loading the benchmark once does it all: missing datasets are fetched, open_clip weights
     land in ``home/open_clip`` and the zero-shot heads are built and cached (on the CPU, so
-    the command needs no GPU). When the hub cannot be reached, the load runs offline and
-    succeeds only if everything is cached already.
+    the command needs no GPU).
     """
     if suite not in SUITES:
         raise ValueError(f"unknown vision suite {suite!r} (valid: {', '.join(SUITES)})")
+    return fetch_ahead(
+        suite,
+        model,
+        home,
+        lambda: VisionBenchmark(model, Path(home), torch.device("cpu"), suite=suite),
+    )
+
+
+def fetch_ahead(suite: str, model: str, home: Path, load: Callable[[], Any]) -> list[str]:
+    """Load a hub-backed benchmark once (``load()``), which fetches what it lacks.
+
+    When the hub cannot be reached, the load runs offline and succeeds only if everything
+    is cached already; failures become one line saying what to do.
+    """
     unreachable = hub_unreachable()
     try:
         if unreachable is None:
-            bench = VisionBenchmark(model, Path(home), torch.device("cpu"), suite=suite)
+            bench = load()
         else:
             with _hub_offline():
-                bench = VisionBenchmark(model, Path(home), torch.device("cpu"), suite=suite)
+                bench = load()
     except SuiteDataError as exc:
         missing = f"{suite} / {model} is not all cached under {home}"
         if unreachable == OFFLINE:

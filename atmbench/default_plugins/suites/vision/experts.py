@@ -55,7 +55,8 @@ def _local(folder: Path, task: str) -> Path:
     )
 
 
-def _hub(repo: str, cache_dir: Path | None) -> Path:
+def snapshot(repo: str, cache_dir: Path | None) -> Path:
+    """The local folder of a hub repository's weights and configs, downloaded if needed."""
     from huggingface_hub import snapshot_download
 
     try:
@@ -67,7 +68,12 @@ def _hub(repo: str, cache_dir: Path | None) -> Path:
             f"expert {repo} not available ({type(exc).__name__}: {exc}); run once online "
             "(without HF_HUB_OFFLINE) to cache it"
         ) from None
-    found = _checkpoint_in(Path(folder))
+    return Path(folder)
+
+
+def _hub(repo: str, cache_dir: Path | None) -> Path:
+    folder = snapshot(repo, cache_dir)
+    found = _checkpoint_in(folder)
     if found is None:
         raise SuiteDataError(f"expert {repo}: no {' or '.join(_FILES)} in the repository")
     return found
