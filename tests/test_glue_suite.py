@@ -30,7 +30,7 @@ from atmbench.default_plugins.suites.glue import models as m  # noqa: E402
 from atmbench.default_plugins.suites.glue.benchmark import GlueBenchmark  # noqa: E402
 from atmbench.default_plugins.suites.glue.experts import load_experts, repositories  # noqa: E402
 from atmbench.default_plugins.suites.glue.tasks import SUITES, TASKS  # noqa: E402
-from atmbench.finetune import Recipe  # noqa: E402
+from atmbench.finetune import Recipe, _lr_lambda  # noqa: E402
 from atmbench.hookspecs import hookimpl  # noqa: E402
 from atmbench.store import ResultStore  # noqa: E402
 from atmbench.suite import PRIVATE, Suite, SuiteDataError  # noqa: E402
@@ -208,6 +208,8 @@ def test_tasks_are_fusionbench_glue():
     metrics = {n: t.metric for n, t in TASKS.items()}
     assert metrics["cola"] == "matthews" and metrics["stsb"] == "spearman"
     assert m.RECIPE.lr == 5e-5 and m.RECIPE.epochs == 3  # FusionBench's GPT-2 recipe
+    decay = _lr_lambda(m.RECIPE, 10)  # transformers' Trainer default: linear to 0
+    assert [decay(s) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
 
 
 def test_text_to_text_metrics():
@@ -347,6 +349,10 @@ def test_fine_tune_merge_evaluate_through_the_runner(
     ta = rows[rows.method == "ta:lam=0.5"].set_index("task").accuracy.to_dict()
     assert ta == pytest.approx(expected)
     assert set(rows.method) >= {"pretrained", "experts", "ta:lam=0.5"}
+    if family == "roberta":  # the multi-task model trains STS-B under its regression loss
+        assert len(rows[rows.method == "mtl"]) == 2
+    if family == "t5":  # T5's tied embedding is one tensor: stored and merged once
+        assert "shared.weight" in merged and "encoder.embed_tokens.weight" not in merged
 
 
 def test_atm_and_regmean_on_a_language_suite(tiny, mirror, tmp_path, register, monkeypatch):
