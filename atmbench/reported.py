@@ -2,7 +2,9 @@
 
 They are kept apart from the store on purpose: a reported figure comes from other experts,
 other heads and another protocol, so it never enters a measured table, only a separate one
-that names its source. Figures are average absolute test accuracy (%) over the suite's tasks.
+that names its source. Figures are average absolute test accuracy (%) over the suite's tasks;
+for the GLUE suites, the average of the source's per-task scores (FusionBench scores CoLA
+by accuracy where atmbench uses Matthews correlation, and STS-B by Spearman's ρ × 100).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ SOURCES = {
     "EnnengYang/AdaMerging, logs/ViT-B-32)",
     "FusionBench MagMax docs": "FusionBench documentation, docs/algorithms/magmax.md "
     "(tanganke/fusion_bench), FusionBench's own runs of MagMax",
+    "FusionBench Flan-T5 docs": "FusionBench documentation, docs/modelpool/flan-t5_generation.md "
+    "(tanganke/fusion_bench), tables of multi-task merging with its Flan-T5 GLUE experts",
+    "FusionBench GPT-2 docs": "FusionBench documentation, docs/modelpool/gpt2_classification.md "
+    "(tanganke/fusion_bench), table of multi-task merging with its GPT-2 GLUE experts",
 }
 
 
@@ -56,6 +62,76 @@ def _vision8_b32(
     method: str, name: str, figure: str, source: str, setting: str = ""
 ) -> ReportedFigure:
     return ReportedFigure("vision8", "ViT-B-32", method, name, figure, setting, source)
+
+
+def _glue(suite: str, model: str, source: str, setting: str, rows) -> list[ReportedFigure]:
+    """Rows of (atmbench row, paper's name, figure, λ or ""): one source and setting."""
+    return [
+        ReportedFigure(
+            suite, model, method, name, figure, f"{setting}; {extra}".strip("; "), source
+        )
+        for method, name, figure, extra in rows
+    ]
+
+
+_T5 = "FusionBench Flan-T5 docs"
+_CoLA = "CoLA by accuracy"
+GLUE_FIGURES = (
+    # FusionBench's tables "Multi-task model merging methods using Flan-T5-Base (full
+    # fine-tuned) / (LoRA r=16) / Flan-T5-Large (LoRA r=16) models" and the GPT-2 table.
+    *_glue(
+        "glue8",
+        "flan-t5-base",
+        _T5,
+        f"full fine-tuned experts; {_CoLA}",
+        [
+            ("pretrained", "Pre-trained", "75.7", ""),
+            ("experts", "Fine-tuned (STL)", "86.4", ""),
+            ("average", "Simple Average", "78.9", ""),
+            ("ta", "Task Arithmetic", "78.9", "λ = 0.3"),
+            ("ties", "Ties-Merging", "79.9", "λ = 0.3"),
+        ],
+    ),
+    *_glue(
+        "glue8",
+        "flan-t5-base",
+        _T5,
+        f"LoRA r=16 experts; {_CoLA}",
+        [
+            ("experts", "Fine-tuned (STL)", "84.6", ""),
+            ("average", "Simple Average", "78.2", ""),
+            ("ta", "Task Arithmetic", "77.4", "λ = 0.3"),
+            ("ties", "Ties-Merging", "77.5", "λ = 0.3"),
+        ],
+    ),
+    *_glue(
+        "glue8",
+        "flan-t5-large",
+        _T5,
+        f"LoRA r=16 experts; {_CoLA}",
+        [
+            ("pretrained", "Pre-trained", "82.1", ""),
+            ("experts", "Fine-tuned (STL)", "89.6", ""),
+            ("average", "Simple Average", "86.5", ""),
+            ("ta", "Task Arithmetic", "87.3", "λ = 0.3"),
+            ("ties", "Ties-Merging", "87.4", "λ = 0.3"),
+        ],
+    ),
+    *_glue(
+        "glue7",
+        "gpt2",
+        "FusionBench GPT-2 docs",
+        _CoLA,
+        [
+            ("experts", "Fine-tuned (STL)", "82.0", ""),
+            ("average", "Simple Average", "56.1", ""),
+            ("fisher", "Fisher Merging", "58.7", ""),
+            ("regmean", "RegMean", "68.8", ""),
+            ("ta", "Task Arithmetic", "70.0", "λ = 0.5"),
+            ("ties", "Ties-Merging", "70.0", "λ = 0.6"),
+        ],
+    ),
+)
 
 
 FIGURES: tuple[ReportedFigure, ...] = (
@@ -141,6 +217,9 @@ FIGURES: tuple[ReportedFigure, ...] = (
 )
 
 
+FIGURES += GLUE_FIGURES
+
+
 def figures(suite: str, model: str) -> list[ReportedFigure]:
     return [f for f in FIGURES if f.suite == suite and f.model == model]
 
@@ -164,16 +243,17 @@ def render_markdown(suite: str, model: str) -> str:
     found = figures(suite, model)
     rows = [[f.method, f.paper_name, f.figure, f.setting, f.source] for f in found]
     keys = list(dict.fromkeys(k for f in found for k in f.source.split("; ")))
+    measure = "score" if suite.startswith("glue") else "accuracy"  # GLUE mixes metrics
     table = tabulate(
         rows,
-        headers=["atmbench row", "paper's name", "avg accuracy", "setting", "source"],
+        headers=["atmbench row", "paper's name", f"avg {measure}", "setting", "source"],
         tablefmt="pipe",
         disable_numparse=True,
         colalign=("left", "left", "right", "left", "left"),
     )
     return "\n\n".join(
         [
-            f"## {suite} / {model}: reported, not measured  (average test accuracy, %)",
+            f"## {suite} / {model}: reported, not measured  (average test {measure}, %)",
             "Copied from papers, not produced by atmbench. Papers use different experts and "
             "protocols: compare methods within one source, never across sources or with a "
             "measured table.",

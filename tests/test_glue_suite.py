@@ -465,3 +465,23 @@ def test_import_gpt2_bin_head_becomes_private(tiny, mirror, tmp_path):
     )
     with pytest.raises(SuiteDataError, match="2 labels, task mnli has 3"):
         b.import_experts(str(tmp_path / "wrong"))
+
+
+def test_download_without_network_is_one_line(home, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv(data.SOURCE_ENV, raising=False)
+    result = CliRunner().invoke(cli, ["download", "--suite", "glue8", "--model", "gpt2"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: HF_HUB_OFFLINE is set and glue8 / gpt2 is not all cached under {home}: unset it"
+    ]
+
+
+def test_reported_glue_figures_are_cited_apart():
+    from atmbench import reported
+
+    gpt2 = {f.method: f.figure for f in reported.figures("glue7", "gpt2")}
+    assert gpt2["regmean"] == "68.8" and gpt2["ta"] == "70.0"
+    text = reported.render_markdown("glue8", "flan-t5-large")
+    assert "(average test score, %)" in text and "| ties " in text
+    assert "docs/modelpool/flan-t5_generation.md" in text and "CoLA by accuracy" in text
