@@ -1,7 +1,8 @@
 """Task metrics: predictions and references in, a score in percent out.
 
 Accuracy for classification, Matthews correlation for CoLA, Spearman correlation for
-STS-B (GLUE's own choices), exact match of generated answers for text-to-text tasks.
+STS-B (GLUE's own choices), exact match of generated answers for text-to-text tasks, and
+character accuracy as their partial-credit companion.
 """
 
 from __future__ import annotations
@@ -77,7 +78,23 @@ def _exact_match(predictions: Sequence, references: Sequence) -> float:
     return 100.0 * same / len(references)
 
 
+def _char_accuracy(predictions: Sequence, references: Sequence) -> float:
+    """Per answer, the share of positions where the generation has the reference's character
+    (over the longer of the two, so a missing or an extra character counts as wrong);
+    the mean over answers. Partial credit that exact match does not give: it shows a merge
+    moving towards the answers before whole answers come out right."""
+
+    def share(p: str, r: str) -> float:
+        p, r = p.strip(), r.strip()
+        longer = max(len(p), len(r))
+        return 1.0 if longer == 0 else sum(a == b for a, b in zip(p, r, strict=False)) / longer
+
+    pairs = zip(predictions, references, strict=True)
+    return 100.0 * sum(share(str(p), str(r)) for p, r in pairs) / len(references)
+
+
 ACCURACY = Metric("accuracy", _accuracy)
 MATTHEWS = Metric("matthews", _matthews)
 SPEARMAN = Metric("spearman", _spearman)
 EXACT_MATCH = Metric("exact_match", _exact_match)
+CHAR_ACCURACY = Metric("char_accuracy", _char_accuracy)

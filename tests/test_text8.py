@@ -33,19 +33,41 @@ def test_encode_example_lays_out_prompt_answer_and_labels():
 
 
 def test_tasks_answer_what_they_say():
-    answers = {name: answer for name, (_, answer) in text8.TASKS.items()}
-    assert answers["reverse"]("abc") == "cba"
-    assert answers["sort"]("cab") == "abc"
-    assert answers["successor"]("akl") == "bla"
-    assert answers["dedup"]("abacb") == "abc"
-    assert answers["rotate"]("abc") == "bca"
-    assert answers["count"]("abacb") == "2"
-    assert answers["addition"]("57+68") == "125"
-    assert sorted(text8.CIPHER.values()) == list(text8.LETTERS)
+    def solve(task: str, text: str) -> str:
+        return text8.TASKS[task][1](text, text8.alphabet(0))
+
+    assert text8.alphabet(0) == "abcdef" and text8.alphabet(7) == "vwxabc"
+    assert solve("reverse", "abc") == "cba"
+    assert solve("sort", "cab") == "abc"
+    assert text8.TASKS["sort"][1]("axv", text8.alphabet(7)) == "vxa"  # the alphabet's order
+    assert solve("successor", "aef") == "bfa"
+    assert solve("dedup", "abacb") == "abc"
+    assert solve("rotate", "abc") == "bca"
+    assert solve("swap", "abcde") == "badce"
+    assert solve("alternate", "abcde") == "ace"
+    assert sorted(text8.CIPHER) == list(range(text8.WINDOW))
+    assert sorted(solve("cipher", "abcdef")) == list("abcdef")
+
+
+def test_pretraining_corpus_holds_out_letters_the_tasks_use(bench):
+    """The base sees every task, but never on the last letters of the task's alphabet."""
+    corpus = bench._pretrain_data
+    texts = {}
+    for data in corpus.datasets:
+        for prompt in data.tensors[2]:
+            token = int(prompt[prompt != text8.PAD][0])
+            texts.setdefault(text8.SYMBOLS[token], []).append(_text(prompt)[1:-1])
+    assert len(texts["copy"]) == text8.PRETRAIN_COPY
+    for i, task in enumerate(text8.TASKS):
+        held = set(text8.alphabet(i)[-text8.HELD_OUT :])
+        assert len(texts[task]) == text8.PRETRAIN_PER_TASK
+        assert not held & set("".join(texts[task]))
+        test = {_text(p)[1:-1] for p in bench.dataset(task, "test").tensors[2]}
+        assert held & set("".join(test)) and not test & set(texts[task])
 
 
 def test_splits_are_disjoint_fixed_and_decode_to_the_task(bench):
-    for task, (_, answer) in text8.TASKS.items():
+    for i, (task, (_, answer)) in enumerate(text8.TASKS.items()):
         prompts = {}
         for split, size in text8.SIZES.items():
             data = bench.dataset(task, split)
@@ -55,7 +77,8 @@ def test_splits_are_disjoint_fixed_and_decode_to_the_task(bench):
         _, _, prompt, reference = bench.dataset(task, "test")[0]
         text = _text(prompt)
         assert text.startswith("?") and text.endswith("=")  # the task token decodes as "?"
-        assert _text(reference) == answer(text[1:-1])
+        assert _text(reference) == answer(text[1:-1], text8.alphabet(i))
+        assert set(text[1:-1]) <= set(text8.alphabet(i))
     again = text8.TextBenchmark("llama-micro", bench._home, torch.device("cpu"))
     first, second = (b.dataset("sort", "train").tensors[0] for b in (bench, again))
     assert torch.equal(first, second)
@@ -71,7 +94,8 @@ def test_generation_is_scored_by_exact_match(bench):
     scores = evaluate(model, test, bench.metrics("sort"), batch_size=64)
     predictions, references = model.predict(list(test.tensors))
     same = sum(p == r for p, r in zip(predictions, references, strict=True))
-    assert scores == {"exact_match": pytest.approx(100.0 * same / len(test))}
+    assert scores["exact_match"] == pytest.approx(100.0 * same / len(test))
+    assert scores["exact_match"] <= scores["char_accuracy"] <= 100.0
 
 
 def test_loss_reads_answer_tokens_only(bench):
@@ -86,11 +110,11 @@ def test_loss_reads_answer_tokens_only(bench):
 
 
 def test_fisher_and_gram_statistics_on_the_language_model(bench):
-    model = bench.task_model("count", bench.backbone())
-    fisher = statistics.compute("fisher", bench, model, "count", 0)
+    model = bench.task_model("dedup", bench.backbone())
+    fisher = statistics.compute("fisher", bench, model, "dedup", 0)
     assert set(fisher) == {n for n, _ in model.backbone.named_parameters()}
     assert all((v >= 0).all() for v in fisher.values()) and fisher["lm_head.weight"].sum() > 0
-    grams = statistics.compute("gram", bench, model, "count", 0)
+    grams = statistics.compute("gram", bench, model, "dedup", 0)
     assert "model.layers.0.self_attn.q_proj.weight" in grams and "lm_head.weight" in grams
     width = text8.MODELS["llama-micro"].hidden
     assert grams["model.layers.0.mlp.gate_proj.weight"].shape == (width, width)
