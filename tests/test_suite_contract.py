@@ -31,8 +31,8 @@ def test_metrics_match_scikit_learn_and_scipy():
     assert SPEARMAN(scores, gold) == pytest.approx(100 * spearmanr(scores, gold).statistic)
     assert ACCURACY(torch.tensor([1, 2, 3]), torch.tensor([1, 0, 3])) == pytest.approx(200 / 3)
     assert EXACT_MATCH(["ab ", "c", "d"], ["ab", "c", "e"]) == pytest.approx(200 / 3)
-    # per answer: 3 of 4 right; 2 of 3 (one missing); 2 of 3 (one extra); 1 (both empty)
-    shares = [3 / 4, 2 / 3, 2 / 3, 1.0]
+    # per answer: 3 of 4 right; 2 of 3 (one missing); 3 of 4 (one extra); 1 (both empty)
+    shares = [3 / 4, 2 / 3, 3 / 4, 1.0]
     char = CHAR_ACCURACY(["abxd", "ab", "abcd", ""], ["abcd", "abc", "abc", " "])
     assert char == pytest.approx(100 * sum(shares) / 4)
     with pytest.raises(ValueError, match="exact_match: 1 predictions for 2 references"):
