@@ -363,8 +363,17 @@ class Board:
     """The full command line that produced the document (its first line)."""
 
     @property
+    def metric(self) -> str:
+        """What the table's numbers are (``exact match``), from the registered suite's
+        ``metric``; ``accuracy`` when the suite is not installed here."""
+        from atmbench import registry
+
+        suite = registry.suites().get(self.suite)
+        return (suite.metric if suite else "accuracy").replace("_", " ")
+
+    @property
     def title(self) -> str:
-        return f"{self.suite} / {self.model}  (test accuracy, %)"
+        return f"{self.suite} / {self.model}  (test {self.metric}, %)"
 
     @property
     def stem(self) -> str:
@@ -449,7 +458,7 @@ def json_document(b: Board, reported: Sequence[dict[str, Any]] = ()) -> dict[str
         "kind": JSON_KIND,
         "suite": b.suite,
         "model": b.model,
-        "metric": "test accuracy (%)",
+        "metric": f"test {b.metric} (%)",
         "produced_by": b.produced_by,
         "columns": list(s.columns),
         "rows": rows,
@@ -475,7 +484,7 @@ def render_latex(b: Board) -> str:
         _comment_block(b, "%").rstrip("\n"),
         r"\begin{table}[t]",
         r"\centering",
-        rf"\caption{{{latex_escape(b.suite)} / {latex_escape(b.model)}: test accuracy (\%), "
+        rf"\caption{{{latex_escape(b.suite)} / {latex_escape(b.model)}: test {b.metric} (\%), "
         r"mean $\pm$ std over seeds; best merged value in bold.}",
         r"\begin{tabular}{l" + "r" * len(s.columns) + "llrr}",
         r"\toprule",
@@ -513,11 +522,12 @@ def _plots(b: Board, out: Path, curves: dict[str, list[float]]) -> list[tuple[st
 
     columns = [c for c in b.summary.columns if c != NORM]
     bars = plots.task_bars(b.summary, columns, out / f"{b.stem}.png", b.title)
-    images = [(f"{b.suite} / {b.model}: test accuracy per task and method", bars.name)]
+    images = [(f"{b.suite} / {b.model}: test {b.metric} per task and method", bars.name)]
     if curves:
         styles = plots.method_styles([*b.summary.index, *curves])
         path = plots.atm_curves(curves, out / f"{b.stem}-atm.png", f"{b.suite} / {b.model}", styles)
-        images.append((f"{b.suite} / {b.model}: ATM test accuracy per iteration", path.name))
+        caption = f"{b.suite} / {b.model}: ATM test {b.metric} per iteration"
+        images.append((caption, path.name))
     return images
 
 

@@ -166,6 +166,8 @@ class Suite:
     """Accept model names outside ``models`` (e.g. any open_clip ``NAME:TAG``)."""
     download: Callable[[str, Path], list[str]] | None = None
     """``download(model, home)`` fetches weights and data ahead of a run (None: embedded)."""
+    metric: str = "accuracy"
+    """Name of the score its tasks store and rank (their first metric): leaderboard headings."""
 
     def check_model(self, model: str) -> str:
         if model in self.models or self.any_model:

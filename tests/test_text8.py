@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atmbench import runner, statistics
+from atmbench import leaderboard, runner, statistics
 from atmbench.default_plugins.suites import text8
 from atmbench.evaluate import evaluate
 from atmbench.generative import encode_example
@@ -145,3 +145,7 @@ def test_runner_merges_tunes_and_scores_text8(bench, tmp_path):
     )
     ta = rows[rows.method == "ta:lam=0.3"].set_index("task").accuracy.to_dict()
     assert ta == pytest.approx(merged)
+    # the tables name the suite's metric
+    table = leaderboard.board(rows, "atmbench leaderboard")
+    assert table.title == "text8 / llama-micro  (test exact match, %)"
+    assert leaderboard.json_document(table)["metric"] == "test exact match (%)"

@@ -267,6 +267,7 @@ def register_suites(register):
             models=tuple(MODELS),
             load=TextBenchmark,
             version=VERSION,
+            metric=EXACT_MATCH.name,
             description="8 generated text tasks; tiny transformers Llama; exact match; CPU",
         )
     )
