@@ -1,27 +1,29 @@
 #!/usr/bin/env bash
 # Regenerate everything under leaderboards/ from a fresh store (README.md and submissions/
-# there are kept): the digits8 grid of every registered method and refiner variant, 3
-# seeds, plus the accepted submissions in leaderboards/submissions/, rendered as Markdown with PNG
+# there are kept): for each embedded suite (digits8, text8), the grid of every registered
+# method and refiner variant, 3 seeds, plus the accepted submissions in leaderboards/submissions/, rendered as Markdown with PNG
 # charts, CSV, JSON and LaTeX, and the papers' reported figures in their own cited
 # "reported, not measured" tables.
 #
 #   scripts/regenerate_leaderboards.sh                      # the published grid
 #   METHODS=ta,ties SEEDS=0 OUT=/tmp/lb scripts/regenerate_leaderboards.sh   # a quick look
+#   SUITES=text8 SEEDS=0 OUT=/tmp/lb scripts/regenerate_leaderboards.sh      # one suite
 #   tox -e leaderboards                                     # the same, in a clean env
 #
 # Variables (all optional):
+#   SUITES    space-separated suites, each run as its own `atmbench run` (default: "digits8 text8")
 #   METHODS   comma-separated method specs; default: every method `atmbench list` shows,
 #             every refiner alone (e.g. atm, from the base) and after each of REFINED
 #   REFINED   methods also run with each refiner appended (default: "ta ties tsv")
 #   SEEDS     default 0,1,2
-#   MODEL     default: the suite's first model
+#   MODEL     default: the suite's first model (with several SUITES, it must fit them all)
 #   RUN_ARGS  extra `atmbench run` arguments, e.g. "--device cuda" or "--executor multi-gpu"
 #   OUT       default leaderboards
 #   ATMBENCH_HOME  default: a fresh temporary directory, so no stale expert or cell leaks in
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SUITE=digits8
+SUITES=${SUITES:-"digits8 text8"}
 SEEDS=${SEEDS:-0,1,2}
 OUT=${OUT:-leaderboards}
 REFINED=${REFINED:-"ta ties tsv"}
@@ -46,9 +48,11 @@ fi
 echo "ATMBENCH_HOME=$ATMBENCH_HOME" >&2
 echo "methods: $METHODS" >&2
 status=0
-# shellcheck disable=SC2086  # RUN_ARGS is a list of words on purpose
-atmbench run --suite "$SUITE" ${MODEL:+--model "$MODEL"} --methods "$METHODS" --seeds "$SEEDS" \
-    --quiet ${RUN_ARGS:-} >/dev/null || status=$?   # failed cells: render the rest, then fail
+for suite in $SUITES; do
+    # shellcheck disable=SC2086  # RUN_ARGS is a list of words on purpose
+    atmbench run --suite "$suite" ${MODEL:+--model "$MODEL"} --methods "$METHODS" --seeds "$SEEDS" \
+        --quiet ${RUN_ARGS:-} >/dev/null || status=$?   # failed cells: render the rest, then fail
+done
 
 # Accepted submissions for other suites (store files or `atmbench export` JSON).
 shopt -s nullglob
