@@ -48,7 +48,8 @@ def _off_diagonal_mean(matrix: Sequence[Sequence[float]]) -> float:
 def summary(trace: Trace) -> pd.DataFrame:
     """One row per record: mean val/test accuracy, mean task-vector norm, mean pairwise cosine.
 
-    Record 0 (the start) has no task vectors: its norm and cosine are NaN.
+    Record 0 (the start) has no task vectors: its norm and cosine are NaN; test is NaN
+    where the run did not trace it (``atmbench run --trace test`` does).
     """
     rows = []
     for record in trace:
@@ -57,8 +58,12 @@ def summary(trace: Trace) -> pd.DataFrame:
         rows.append(
             {
                 "iteration": record["iteration"],
-                "val": fmean(record["accuracy"]["val"].values()),
-                "test": fmean(record["accuracy"]["test"].values()),
+                **{
+                    split: fmean(record["accuracy"][split].values())
+                    if split in record["accuracy"]
+                    else math.nan
+                    for split in ("val", "test")
+                },
                 "norm": fmean(norms.values()) if norms else math.nan,
                 "cosine": _off_diagonal_mean(cosine) if cosine else math.nan,
             }
@@ -70,7 +75,10 @@ def plot_accuracy(trace: Trace, path: Path, split: str = "test", title: str = ""
     """Accuracy per task and its mean against the iteration; writes a PNG and returns ``path``."""
     if split not in trace[0]["accuracy"]:
         valid = ", ".join(trace[0]["accuracy"])
-        raise TraceError(f"split {split!r} is not in the trace (valid: {valid})")
+        raise TraceError(
+            f"split {split!r} is not in the trace (valid: {valid}; "
+            "atmbench run --trace test traces the test split)"
+        )
     iterations = [r["iteration"] for r in trace]
     per_task = {t: [r["accuracy"][split][t] for r in trace] for t in trace[0]["accuracy"][split]}
     figure = Figure(figsize=(6.4, 4.2), layout="constrained")

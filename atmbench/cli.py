@@ -136,6 +136,14 @@ def list_command():
     default=None,
     help="Ray cluster to connect to (default: $RAY_ADDRESS, else start a local instance).",
 )
+@click.option(
+    "--trace",
+    type=click.Choice(["val", "test"]),
+    default="val",
+    show_default=True,
+    help="What ATM's per-iteration trace scores: val after every round (test once, at the "
+    "end), or test too, for the test curve (atmbench analyze, the leaderboard's ATM chart).",
+)
 @_friendly
 def run(
     suite,
@@ -152,11 +160,13 @@ def run(
     workers,
     ray_address,
     experts_source,
+    trace,
 ):
     """Run a grid of cells and print its leaderboard."""
     from atmbench import config, executors, runner, spec
     from atmbench.executors.preview import dry_run_lines
     from atmbench.leaderboard import render_markdown, table
+    from atmbench.refiner import TRACE_CHOICES
     from atmbench.store import ResultStore
 
     execute_cells = executors.get_executor(executor)
@@ -175,7 +185,7 @@ def run(
         return
     if quiet:
         os.environ[config.QUIET_ENV] = "1"  # suites' own bars, in worker processes too
-    options = executors.Options(home, device, not quiet, workers, ray_address)
+    options = executors.Options(home, device, not quiet, workers, ray_address, TRACE_CHOICES[trace])
 
     def report(record):
         status = "ok" if record.status == "ok" else f"FAILED: {record.error}"
@@ -468,7 +478,8 @@ def analyze(store_path, suite, out):
         trace = analysis.parse_trace(cell.trace)
         stem = f"{cell.suite}-{cell.model}-{cell.method}-seed{cell.seed}".replace(":", "_")
         title = f"{cell.method} on {cell.suite}/{cell.model}, seed {cell.seed}"
-        analysis.plot_accuracy(trace, out / f"{stem}-accuracy.png", title=title)
+        split = "test" if "test" in trace[0]["accuracy"] else "val"
+        analysis.plot_accuracy(trace, out / f"{stem}-accuracy.png", split, title=title)
         analysis.plot_cosines(trace, out / f"{stem}-cosines.png", title=title)
         click.echo(f"\n## {title}\n")
         click.echo(analysis.summary(trace).to_markdown(floatfmt=".3f"))

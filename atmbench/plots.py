@@ -108,13 +108,15 @@ def trace_curves(traces: Mapping[str, Sequence[list[dict[str, Any]]]]) -> dict[s
 
     ``traces``: method -> one ATM trace per seed; a trace is a list of records with
     ``iteration`` and ``accuracy`` = {split: {task: accuracy}} (record 0 is the start).
-    Seeds with fewer iterations are averaged over the iterations they have.
+    Seeds with fewer iterations are averaged over the iterations they have. A trace without
+    the test split (the default ``--trace val``) draws no curve.
     """
     curves = {}
     for method, per_seed in traces.items():
         series = [
             [fmean(r["accuracy"]["test"].values()) for r in trace if "accuracy" in r]
             for trace in per_seed
+            if all("test" in r["accuracy"] for r in trace if "accuracy" in r)
         ]
         length = max((len(s) for s in series), default=0)
         if length:

@@ -13,6 +13,11 @@ from atmbench.hparams import HParam
 from atmbench.method import DATA_ACCESS, MergeMethod, TaskVectors
 from atmbench.suite import Benchmark
 
+TRACE = ("val",)
+"""The splits traced per iteration unless ``--trace test`` asks for the test curve too."""
+TRACE_CHOICES = {"val": ("val",), "test": ("val", "test")}
+"""``--trace`` values and the splits each traces."""
+
 
 @dataclass
 class RefineRequest:
@@ -35,6 +40,9 @@ class RefineRequest:
     vectors: TaskVectors | None = None
     """The experts' task vectors that ``method`` merged (read a parameter at a time), for
     refiners that rescale a merge by them (LiNeS); ``None`` when no method ran."""
+    trace: tuple[str, ...] = TRACE
+    """Splits a refiner that keeps a per-iteration trace scores after every iteration:
+    validation (what a user selects on); ``--trace test`` adds the test curve."""
 
 
 @dataclass

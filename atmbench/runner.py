@@ -29,7 +29,7 @@ from atmbench.finetune import TrainStats
 from atmbench.method import DATA_ACCESS, FloatingOnly, MergeMethod, combine
 from atmbench.mtl import ensure_mtl, private_of
 from atmbench.provenance import device_name, git_commit, peak_memory_mb, versions
-from atmbench.refiner import Refiner, RefineRequest, RefineResult
+from atmbench.refiner import TRACE, Refiner, RefineRequest, RefineResult
 from atmbench.spec import REFERENCES, Cell, MethodSpec, describe, describe_refiner, parse_spec
 from atmbench.store import CellRecord, ResultStore
 from atmbench.streaming import merged_task_vector, merged_with_state, task_vector
@@ -105,6 +105,8 @@ class Workspace:
     home: Path
     device: torch.device
     progress: bool = True
+    trace: tuple[str, ...] = TRACE
+    """Splits refiners trace per iteration (``--trace``)."""
     _benchmarks: dict = field(default_factory=dict)
     _experts: dict = field(default_factory=dict)
     _statistics: dict = field(default_factory=dict)
@@ -417,6 +419,7 @@ def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
             from_base=from_base,
             private=private,
             vectors=vectors,
+            trace=ws.trace,
         )
         result, refined, spent = refine_on_validation(bench, refiner, part.fixed, request)
         state, trace = result.state, result.trace
@@ -506,6 +509,6 @@ def run(
     from atmbench.executors import Options, run_grid
     from atmbench.executors.local import execute_local
 
-    options = Options(ws.home, str(ws.device), ws.progress)
+    options = Options(ws.home, str(ws.device), ws.progress, trace=ws.trace)
     local = functools.partial(execute_local, ws=ws)
     return run_grid(cells, store, local, options, force=force, on_record=on_record)

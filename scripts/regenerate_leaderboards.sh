@@ -48,10 +48,11 @@ fi
 echo "ATMBENCH_HOME=$ATMBENCH_HOME" >&2
 echo "methods: $METHODS" >&2
 status=0
+# --trace test: ATM's per-iteration test curve, drawn as <suite>-<model>-atm.png
 for suite in $SUITES; do
     # shellcheck disable=SC2086  # RUN_ARGS is a list of words on purpose
     atmbench run --suite "$suite" ${MODEL:+--model "$MODEL"} --methods "$METHODS" --seeds "$SEEDS" \
-        --quiet ${RUN_ARGS:-} >/dev/null || status=$?   # failed cells: render the rest, then fail
+        --trace test --quiet ${RUN_ARGS:-} >/dev/null || status=$?   # failed cells: render the rest, then fail
 done
 
 # Accepted submissions for other suites (store files or `atmbench export` JSON).

@@ -12,14 +12,15 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 import atmbench
-from atmbench import analysis, registry, runner
+from atmbench import analysis, executors, plots, registry, runner
 from atmbench import hparams as hp
 from atmbench.default_plugins.refiners import atm
+from atmbench.executors.local import execute_local
 from atmbench.finetune import Recipe, finetune, state_on_cpu
 from atmbench.heads import Classifier
 from atmbench.hookspecs import hookimpl
 from atmbench.metrics import ACCURACY
-from atmbench.refiner import RefineRequest, RefineResult
+from atmbench.refiner import TRACE_CHOICES, RefineRequest, RefineResult
 from atmbench.seeds import derive
 from atmbench.store import ResultStore
 from atmbench.suite import Suite
@@ -91,7 +92,7 @@ class Spy(FakeBenchmark):
         return super().dataset(task, split)
 
 
-def _refine(bench, start=None, method=None, **fixed) -> RefineResult:
+def _refine(bench, start=None, method=None, trace=("val",), **fixed) -> RefineResult:
     base = bench.base_state()
     request = RefineRequest(
         benchmark=bench,
@@ -103,6 +104,7 @@ def _refine(bench, start=None, method=None, **fixed) -> RefineResult:
         seed=7,
         progress=False,
         from_base=start is None and method is None,
+        trace=trace,
     )
     return atm.refine(request)
 
@@ -189,18 +191,37 @@ def test_refinement_never_reads_train_and_starts_from_the_merge():
     ta = registry.methods()["ta"]
     start = {k: v + 0.01 for k, v in spy.base_state().items()}
     result = _refine(spy, start=start, method=ta, iterations=2, budget=2.0)
-    assert ("a", "train") not in spy.reads and {s for _, s in spy.reads} == {"val", "test"}
+    assert ("a", "train") not in spy.reads and {s for _, s in spy.reads} == {"val"}
     # val: 5 examples, batch 4 -> 2 batches per epoch, 1 epoch per iteration, 2 iterations
     assert {t: s.steps for t, s in result.stats.items()} == {"a": 4, "b": 4, "c": 4}
     first = result.trace[0]["accuracy"]
-    assert first == atm._scores(spy, start, {})  # record 0 is METHOD's merge, not θ0
+    assert first == atm._scores(spy, start, {}, ["val"])  # record 0 is METHOD's merge, not θ0
     spy.reads.clear()
     _refine(spy, iterations=1, budget=1.0)
     assert {(t, "train") for t in spy.tasks} <= set(spy.reads)
 
 
+def test_trace_scores_test_only_when_asked():
+    """Validation after every round; test only with ``--trace test``; the same final model."""
+    plain, traced = Spy(), Spy()
+    default = _refine(plain, iterations=3, budget=3.0)
+    curve = _refine(traced, iterations=3, budget=3.0, trace=("val", "test"))
+    assert not [r for r in plain.reads if r[1] == "test"]
+    assert sorted(r for r in traced.reads if r[1] == "test") == [
+        (t, "test")
+        for t in sorted(SIZES)
+        for _ in range(4)  # records 0..3
+    ]
+    assert all(set(r["accuracy"]) == {"val"} for r in default.trace)
+    assert all(set(r["accuracy"]) == {"val", "test"} for r in curve.trace)
+    assert [r["accuracy"]["val"] for r in default.trace] == [
+        r["accuracy"]["val"] for r in curve.trace
+    ]
+    assert all(torch.equal(default.state[k], v) for k, v in curve.state.items())
+
+
 def test_trace_has_one_record_per_iteration_with_valid_cosines():
-    result = _refine(FakeBenchmark(), iterations=3, budget=3.0)
+    result = _refine(FakeBenchmark(), iterations=3, budget=3.0, trace=("val", "test"))
     trace = json.loads(json.dumps(result.trace))  # as stored in the result store
     assert [r["iteration"] for r in trace] == [0, 1, 2, 3]
     for record in trace:
@@ -266,8 +287,44 @@ def test_runner_stores_compute_and_a_trace_that_analysis_reads(register, home, t
     assert rows.loc["ta+atm", "steps"] == 12 + 3 * 4
     trace = analysis.parse_trace(rows.loc["ta+atm", "trace"])
     assert len(trace) == 3 and len(trace[-1]["cosine"]) == 3
+    assert set(trace[-1]["accuracy"]) == {"val"} and math.isnan(analysis.summary(trace).test[2])
+    assert plots.trace_curves({"ta+atm": [trace]}) == {}  # no test curve was asked for
+    # --trace test (Options.trace, through the local executor): the test curve is stored
+    traced = ResultStore(tmp_path / "traced.sqlite")
+    options = executors.Options(home, "cpu", False, trace=TRACE_CHOICES["test"])
+    with register(Plugin(), "fake3"):
+        refined = [c for c in cells if c.method == "ta+atm"]
+        executors.run_grid(refined, traced, execute_local, options)
+    curve = analysis.parse_trace(traced.cells().set_index("method").loc["ta+atm", "trace"])
+    assert all(set(r["accuracy"]) == {"val", "test"} for r in curve)
+    assert len(plots.trace_curves({"ta+atm": [curve]})["ta+atm"]) == 3
+    assert [r["accuracy"]["val"] for r in curve] == [r["accuracy"]["val"] for r in trace]
     # the iterations that ran are stored with the cell, the resolved default too
     for method in ("atm:iterations=2", "ta+atm"):
         stored = rows.loc[method, "hparams"]
         stored = json.loads(stored) if isinstance(stored, str) else stored
         assert stored["atm.iterations"] == 2
+
+
+def test_cli_trace_option_reaches_the_refiner(register, home, tmp_path):
+    from click.testing import CliRunner
+
+    from atmbench.cli import cli
+
+    class Plugin:
+        @hookimpl
+        def register_suites(self, register):
+            register(Suite("fake3", FakeBenchmark.tasks, ("mlp",), lambda m, h, d: Spy()))
+
+    args = ["run", "--suite", "fake3", "--methods", "atm:iterations=2", "--no-mtl", "--quiet"]
+    with register(Plugin(), "fake3"):
+        for option, store in (([], "val"), (["--trace", "test"], "test")):
+            path = str(tmp_path / f"{store}.sqlite")
+            result = CliRunner().invoke(cli, [*args, *option, "--store", path])
+            assert result.exit_code == 0, result.output
+            rows = ResultStore(path).cells().set_index("method")
+            trace = json.loads(rows.loc["atm:iterations=2", "trace"])
+            assert {s for r in trace for s in r["accuracy"]} == {"val", store}
+        bad = CliRunner().invoke(cli, [*args, "--trace", "train"])
+    assert bad.exit_code == 2 and "Invalid value for '--trace'" in bad.output
+    assert "'val', 'test'" in bad.output

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from atmbench.refiner import TRACE
 from atmbench.runner import Summary
 from atmbench.spec import Cell
 from atmbench.store import CellRecord, ResultStore
@@ -33,6 +34,8 @@ class Options:
     workers: int | None = None
     """Cells in flight at once (multi-gpu: worker processes); ``None``: one per device."""
     ray_address: str | None = None
+    trace: tuple[str, ...] = TRACE
+    """Splits refiners score after every iteration (``--trace``)."""
 
 
 class Executor(Protocol):

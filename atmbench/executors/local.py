@@ -20,6 +20,6 @@ def execute_local(
             f"--workers {options.workers}: the local executor runs one cell at a time "
             "(valid: 1; use --executor multi-gpu or ray for more)"
         )
-    ws = ws or Workspace(options.home, pick_device(options.device), options.progress)
+    ws = ws or Workspace(options.home, pick_device(options.device), options.progress, options.trace)
     for cell in cells:
         yield execute(cell, ws)

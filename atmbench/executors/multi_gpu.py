@@ -48,6 +48,7 @@ def _worker_main(
     device: str,
     home: str,
     progress: bool,
+    trace: tuple[str, ...],
     threads: int,
     inbox: Any,
     results: Any,
@@ -58,7 +59,7 @@ def _worker_main(
     from atmbench.runner import Workspace, execute
 
     torch.set_num_threads(threads)
-    ws = Workspace(Path(home), torch.device(device), progress)
+    ws = Workspace(Path(home), torch.device(device), progress, trace)
     while True:
         try:
             cell = inbox.get(timeout=1.0)
@@ -82,7 +83,8 @@ class _Worker:
 def _start(ctx, index: int, device: str, options: Options, threads: int, results) -> _Worker:
     inbox = ctx.Queue()
     progress = options.progress and (options.workers or 1) == 1
-    args = (index, device, str(options.home), progress, threads, inbox, results, os.getpid())
+    home, trace = str(options.home), options.trace
+    args = (index, device, home, progress, trace, threads, inbox, results, os.getpid())
     process = ctx.Process(target=_worker_main, args=args, daemon=True, name=f"atmbench-{index}")
     process.start()
     return _Worker(index, device, process, inbox)

@@ -32,20 +32,20 @@ def _import_ray():
 
 
 @functools.cache
-def _workspace(home: str, device: str, progress: bool):
+def _workspace(home: str, device: str, progress: bool, trace: tuple[str, ...]):
     """One workspace per Ray worker process and (home, device): benchmarks load once."""
     import torch
 
     from atmbench.runner import Workspace
 
-    return Workspace(Path(home), torch.device(device), progress)
+    return Workspace(Path(home), torch.device(device), progress, trace)
 
 
-def _run_cell(cell: Cell, home: str, device: str) -> CellRecord:
+def _run_cell(cell: Cell, home: str, device: str, trace: tuple[str, ...]) -> CellRecord:
     """The body of one Ray task (CUDA_VISIBLE_DEVICES already names the GPU Ray gave it)."""
     from atmbench.runner import execute
 
-    return execute(cell, _workspace(home, device, False))
+    return execute(cell, _workspace(home, device, False, trace))
 
 
 def _gpus_per_cell(device: str | None, cluster: dict[str, Any]) -> int:
@@ -93,7 +93,7 @@ def execute_ray(cells: Iterator[Cell], options: Options) -> Iterator[CellRecord]
                 if cell is None:
                     exhausted = True
                     break
-                pending[task.remote(cell, str(options.home), device)] = cell
+                pending[task.remote(cell, str(options.home), device, options.trace)] = cell
             if not pending:
                 break
             (ready,), _ = ray.wait(list(pending), num_returns=1)

@@ -49,7 +49,7 @@ from atmbench.evaluate import score
 from atmbench.finetune import Recipe, TrainStats, finetune, state_on_cpu
 from atmbench.hookspecs import hookimpl
 from atmbench.hparams import HParam
-from atmbench.refiner import Refiner, RefineRequest, RefineResult
+from atmbench.refiner import TRACE, Refiner, RefineRequest, RefineResult
 from atmbench.seeds import derive
 from atmbench.suite import Benchmark
 
@@ -143,13 +143,18 @@ def _floats(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _scores(
-    bench: Benchmark, state: dict[str, Tensor], private: Private
+    bench: Benchmark, state: dict[str, Tensor], private: Private, splits: Sequence[str]
 ) -> dict[str, dict[str, float]]:
+    """split -> task -> score of ``state``: the trace's accuracy record."""
     backbone = bench.backbone(state)
     models = {t: bench.task_model(t, backbone, private.get(t) or None) for t in bench.tasks}
+    workers = getattr(bench, "num_workers", 0)
     return {
-        split: {t: score(models[t], bench.dataset(t, split), bench.metrics(t)) for t in bench.tasks}
-        for split in ("val", "test")
+        split: {
+            t: score(models[t], bench.dataset(t, split), bench.metrics(t), num_workers=workers)
+            for t in bench.tasks
+        }
+        for split in splits
     }
 
 
@@ -192,14 +197,20 @@ def alternate(
     seed: int,
     progress: bool = True,
     private: Mapping[str, Mapping[str, Tensor]] | None = None,
+    trace_splits: Sequence[str] = TRACE,
 ) -> RefineResult:
-    """The ATM loop from ``start``, tuning on ``split``; the trace's record 0 is the start."""
+    """The ATM loop from ``start``, tuning on ``split``; the trace's record 0 is the start.
+
+    Every record scores ``trace_splits`` (validation by default: what a user would select
+    a round on; the runner scores the final model on test once the loop is done).
+    """
     plan = make_plan({t: bench.recipe(t) for t in bench.tasks}, hparams)
     dtypes = {k: v.dtype for k, v in start.items()}
     current = _floats(start)
     privates: Private = {t: dict(v) for t, v in (private or {}).items() if v}
     stats = {t: TrainStats() for t in bench.tasks}
-    trace: list[dict[str, Any]] = [{"iteration": 0, "accuracy": _scores(bench, current, privates)}]
+    accuracy = _scores(bench, current, privates, trace_splits)
+    trace: list[dict[str, Any]] = [{"iteration": 0, "accuracy": accuracy}]
     for iteration in range(1, plan.iterations + 1):
         vectors, steps = [], {}
         for task in bench.tasks:
@@ -227,7 +238,7 @@ def alternate(
                 "tasks": list(bench.tasks),
                 "epochs": plan.epochs,
                 "steps": steps,
-                "accuracy": _scores(bench, current, privates),
+                "accuracy": _scores(bench, current, privates, trace_splits),
                 "norms": dict(zip(bench.tasks, inner.diagonal().sqrt().tolist(), strict=True)),
                 "cosine": cosines(inner).tolist(),
             }
@@ -249,6 +260,7 @@ def refine(request: RefineRequest) -> RefineResult:
         request.seed,
         request.progress,
         None if from_base else request.private,
+        request.trace,
     )
 
 
