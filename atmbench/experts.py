@@ -107,6 +107,32 @@ def cached_expert(home: Path, bench: Benchmark, task: str, seed: int) -> bool:
     return EntryCache(Path(home) / "experts").lookup(expert_key(bench, task, seed)) is not None
 
 
+def ensure_expert(
+    home: Path, bench: Benchmark, task: str, seed: int, progress: bool = True
+) -> tuple[Path, dict, bool]:
+    """(entry directory, meta, whether this call fine-tuned it) of one task's expert.
+
+    The unit a parallel executor hands out as a job: each task's expert is keyed, locked
+    and seeded on its own, so experts trained apart equal experts trained in one loop.
+    """
+
+    def compute():
+        model = model_for(bench, task)
+        spent = finetune(
+            model,
+            bench.dataset(task, "train"),
+            bench.recipe(task),
+            seed=derive(seed, "expert", task),
+            desc=f"expert {task}",
+            progress=progress,
+        )
+        meta = {"steps": spent.steps, "examples": spent.examples}
+        vector = task_vector(state_on_cpu(model.backbone), bench.base_state())
+        return finite(with_private(vector, model.private_state()), task), meta
+
+    return EntryCache(Path(home) / "experts").get_or_create(expert_key(bench, task, seed), compute)
+
+
 def ensure_experts(
     home: Path, bench: Benchmark, seed: int, progress: bool = True, source: str | None = None
 ) -> Experts:
@@ -116,32 +142,23 @@ def ensure_experts(
     fine-tuning; their training compute is unknown to us and recorded as 0 steps.
     """
     cache = EntryCache(Path(home) / "experts")
-    base = bench.base_state()
     files, stats, trained = {}, {}, []
     published = _imported(bench, source) if source else None
+    base = functools.cache(bench.base_state)
     for task in bench.tasks:
+        if published is None:
+            directory, meta, created = ensure_expert(home, bench, task, seed, progress)
+            if created:
+                trained.append(task)
+        else:
 
-        def compute(task=task):
-            if published is not None:
+            def compute(task=task):
                 shared, private = split_private(published()[task])
-                imported = with_private(task_vector(shared, base), private)
+                imported = with_private(task_vector(shared, base()), private)
                 return finite(imported, task), {"steps": 0, "examples": 0}
-            model = model_for(bench, task)
-            spent = finetune(
-                model,
-                bench.dataset(task, "train"),
-                bench.recipe(task),
-                seed=derive(seed, "expert", task),
-                desc=f"expert {task}",
-                progress=progress,
-            )
-            trained.append(task)
-            meta = {"steps": spent.steps, "examples": spent.examples}
-            vector = task_vector(state_on_cpu(model.backbone), base)
-            return finite(with_private(vector, model.private_state()), task), meta
 
-        key = expert_key(bench, task, seed, source)
-        directory, meta, _ = cache.get_or_create(key, compute)
+            key = expert_key(bench, task, seed, source)
+            directory, meta, _ = cache.get_or_create(key, compute)
         files[task] = directory / DATA
         stats[task] = TrainStats(meta["steps"], meta["examples"])
     return Experts(files, stats, trained)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,9 +23,9 @@ from torch import Tensor
 from atmbench import hparams as hp
 from atmbench import registry, statistics
 from atmbench.adapt import AdaptRequest
-from atmbench.cache import load_entry
+from atmbench.cache import key_hash, load_entry
 from atmbench.evaluate import score
-from atmbench.experts import Experts, ensure_experts
+from atmbench.experts import Experts, ensure_expert, ensure_experts
 from atmbench.finetune import TrainStats
 from atmbench.method import DATA_ACCESS, FloatingOnly, MergeMethod, combine
 from atmbench.mtl import ensure_mtl, private_of
@@ -440,21 +441,58 @@ def _method_cell(cell: Cell, bench: Benchmark, ws: Workspace) -> Outcome:
     return Outcome(scores, chosen, access, stats, trace, merge_time, storage)
 
 
-def execute(cell: Cell, ws: Workspace) -> CellRecord:
-    """Run one cell; any exception becomes a failed record instead of stopping the grid."""
+@dataclass(frozen=True)
+class ExpertJob:
+    """Fine-tune one task's expert of one (suite, model, seed) into the expert cache.
+
+    Parallel executors run a seed's experts as jobs of their own ahead of the cells, so
+    that they train on several devices at once instead of one after another inside the
+    first cell that needs them. Its record says whether it trained; it is not stored.
+    """
+
+    suite: str
+    model: str
+    seed: int
+    task: str
+
+    @property
+    def method(self) -> str:
+        return f"expert:{self.task}"
+
+    def config(self) -> dict[str, Any]:
+        return {"suite": self.suite, "model": self.model, "method": self.method, "seed": self.seed}
+
+    @property
+    def key(self) -> str:
+        return key_hash(self.config())
+
+
+def _expert_job(job: ExpertJob, ws: Workspace, record: CellRecord) -> None:
+    bench = ws.benchmark(job.suite, job.model)
+    _, meta, created = ensure_expert(ws.home, bench, job.task, job.seed, ws.progress)
+    record.steps, record.examples = meta["steps"], meta["examples"]
+    record.trace = [{"task": job.task, "trained": created, "pid": os.getpid()}]
+
+
+def execute(cell: Cell | ExpertJob, ws: Workspace) -> CellRecord:
+    """Run one cell (or expert job); an exception becomes a failed record, not a lost grid."""
     started = time.perf_counter()
     record = CellRecord(cell.key, cell.suite, cell.model, cell.method, cell.seed, cell.config())
+    outcome = None
     try:
-        bench = ws.benchmark(cell.suite, cell.model)
-        if isinstance(cell.spec, str):
-            outcome = _references(cell, bench, ws)
+        if isinstance(cell, ExpertJob):
+            _expert_job(cell, ws, record)
         else:
-            outcome = _method_cell(cell, bench, ws)
+            bench = ws.benchmark(cell.suite, cell.model)
+            if isinstance(cell.spec, str):
+                outcome = _references(cell, bench, ws)
+            else:
+                outcome = _method_cell(cell, bench, ws)
     except Exception as exc:  # noqa: BLE001 - a failing cell must not lose the rest of the grid
         record.status = "failed"
         record.error = f"{type(exc).__name__}: {exc}"
         record.trace = [{"traceback": traceback.format_exc()}]
-    else:
+    if outcome is not None:
         record.accuracies = outcome.accuracies
         record.hparams = outcome.hparams
         record.data_access = outcome.data_access
@@ -470,9 +508,9 @@ def execute(cell: Cell, ws: Workspace) -> CellRecord:
     return record
 
 
-def _plugin_versions(cell: Cell) -> dict[str, str]:
+def _plugin_versions(cell: Cell | ExpertJob) -> dict[str, str]:
     """The packages that provided the cell's method and refiners: a third party's too."""
-    if isinstance(cell.spec, str):
+    if isinstance(cell, ExpertJob) or isinstance(cell.spec, str):
         return {}
     parts = [("method", cell.spec.method)] if cell.spec.method else []
     parts += [("refiner", part) for part in cell.spec.refiners]

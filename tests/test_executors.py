@@ -7,7 +7,9 @@ two threads per process are many times slower, and the numbers do not depend on 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -17,14 +19,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from atmbench import runner
+from atmbench import registry, runner
 from atmbench.cli import cli
-from atmbench.executors import get_executor, schedule
-from atmbench.executors.multi_gpu import worker_devices
+from atmbench.executors import Options, get_executor, run_grid, schedule
+from atmbench.executors.base import expert_jobs
+from atmbench.executors.multi_gpu import execute_multi_gpu, worker_devices
 from atmbench.hookspecs import hookimpl
 from atmbench.method import MergeMethod
+from atmbench.store import ResultStore
 
 TINY = ["--model", "vit-micro", "--quiet"]
+SEED0_TASKS = ("rotate90", "mirror", "invert", "patch_shuffle", "parity", "mod3", "noise", "shift")
 METHODS = "average,ta:lam=0.3"
 
 
@@ -94,6 +99,45 @@ def test_schedule_puts_the_training_cells_of_each_seed_first():
         ("average", 1),
         ("ta", 1),
     ]
+
+
+def test_expert_jobs_one_per_task_of_each_seed_that_needs_experts():
+    cells = runner.plan("digits8", "vit-micro", ["average", "ta"], [0, 1])
+    jobs = expert_jobs(cells)
+    tasks = registry.get_suite("digits8").tasks
+    assert [(j.seed, j.task) for j in jobs] == [(s, t) for s in (0, 1) for t in tasks]
+    assert len({j.key for j in jobs}) == 16 and jobs[1].method == "expert:mirror"
+    references = [c for c in cells if c.method in ("pretrained", "mtl")]
+    assert expert_jobs(references) == []  # nothing there reads the experts
+    imported = runner.plan("digits8", "vit-micro", ["ta"], [0], experts="hub:org/x")
+    assert expert_jobs(imported) == []  # imported experts are read, not trained
+
+
+def test_multi_gpu_trains_one_seeds_experts_as_parallel_jobs(reference, shared_home, tmp_path):
+    """Missing experts train as jobs on both workers at once, and equal the local ones."""
+    home = tmp_path / "home"
+    shutil.copytree(shared_home, home, ignore=shutil.ignore_patterns("results.sqlite*"))
+    missing = ("rotate90", "mirror", "invert")  # the first jobs: one to each idle worker
+    for meta in (home / "experts" / "digits8" / "vit-micro").glob("*/meta.json"):
+        key = json.loads(meta.read_text())["key"]
+        if key["seed"] == 0 and key["task"] in missing:
+            shutil.rmtree(meta.parent)
+    cells = runner.plan("digits8", "vit-micro", ["ta:lam=0.3"], [0])
+    cells = [c for c in cells if c.method in ("experts", "ta:lam=0.3")]
+    store = tmp_path / "jobs.sqlite"
+    jobs = []
+    options = Options(home, "cpu", progress=False, workers=2)
+    summary = run_grid(cells, ResultStore(store), execute_multi_gpu, options, on_job=jobs.append)
+    assert (summary.ran, summary.failed) == (2, [])  # the jobs are not cells
+    assert sorted(r.method for r in jobs) == sorted(f"expert:{t}" for t in SEED0_TASKS)
+    assert all(r.status == "ok" for r in jobs)
+    trained = {r.trace[0]["task"]: r.trace[0]["pid"] for r in jobs if r.trace[0]["trained"]}
+    assert sorted(trained) == sorted(missing)
+    assert len(set(trained.values())) == 2  # spread over both workers
+    assert rows(store) == {k: v for k, v in reference.items() if k[0] in ("experts", "ta:lam=0.3")}
+    # the local executor trains in the cell, as before: no jobs
+    assert not getattr(get_executor("local"), "parallel", False)
+    assert get_executor("multi-gpu").parallel and get_executor("ray").parallel
 
 
 def test_cpu_workers_and_gpu_round_robin(monkeypatch):

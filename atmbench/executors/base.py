@@ -10,6 +10,7 @@ loses at most the cells in flight.
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from atmbench import registry
 from atmbench.refiner import TRACE
-from atmbench.runner import Summary
+from atmbench.runner import ExpertJob, Summary
 from atmbench.spec import Cell
 from atmbench.store import CellRecord, ResultStore
 
@@ -36,6 +38,9 @@ class Options:
     ray_address: str | None = None
     trace: tuple[str, ...] = TRACE
     """Splits refiners score after every iteration (``--trace``)."""
+
+
+log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
@@ -58,6 +63,21 @@ def trains(cell: Cell) -> bool:
 def group_key(cell: Cell) -> tuple[str, str, int]:
     """Cells of one group share the same experts, so they are scheduled together."""
     return (cell.suite, cell.model, cell.seed)
+
+
+def expert_jobs(cells: Sequence[Cell]) -> list[ExpertJob]:
+    """One job per task of each (suite, model, seed) whose cells need fine-tuned experts.
+
+    Imported experts (``--experts``) are read, not trained: no jobs. A job whose expert is
+    already cached finds it so and returns at once.
+    """
+    jobs: dict[tuple, ExpertJob] = {}
+    for cell in cells:
+        if needs_experts(cell) and not cell.identity.get("experts"):
+            for task in registry.get_suite(cell.suite).tasks:
+                job = ExpertJob(cell.suite, cell.model, cell.seed, task)
+                jobs.setdefault((job.suite, job.model, job.seed, task), job)
+    return list(jobs.values())
 
 
 def schedule(cells: Sequence[Cell]) -> list[Cell]:
@@ -123,16 +143,25 @@ def run_grid(
     options: Options,
     force: bool = False,
     on_record: Callable[[CellRecord], None] | None = None,
+    on_job: Callable[[CellRecord], None] | None = None,
 ) -> Summary:
     """Execute the cells not yet in the store (all of them with ``force``); write each record.
 
     Only this process writes the store, one transaction per cell. SIGINT and SIGTERM raise
-    :class:`KeyboardInterrupt` here after the executor has stopped its workers.
+    :class:`KeyboardInterrupt` here after the executor has stopped its workers. An executor
+    that runs several things at once (``parallel``) first gets one :class:`ExpertJob` per
+    expert the pending cells need, so that a seed's experts train side by side.
     """
     summary = Summary()
+    ordered = schedule(list(cells))
+    jobs: list[ExpertJob] = []
+    if getattr(executor, "parallel", False):
+        jobs = expert_jobs([c for c in ordered if force or not store.done(c.key)])
+    job_keys = {job.key for job in jobs}
 
-    def pending() -> Iterator[Cell]:
-        for cell in schedule(list(cells)):
+    def pending() -> Iterator[Cell | ExpertJob]:
+        yield from jobs
+        for cell in ordered:
             if not force and store.done(cell.key):
                 summary.skipped += 1
                 continue
@@ -140,6 +169,12 @@ def run_grid(
 
     with _sigterm_raises(), contextlib.closing(executor(pending(), options)) as records:
         for record in records:
+            if record.cell_key in job_keys:  # a cell needing it trains it again or fails
+                if record.status != "ok":
+                    log.warning("expert job %s failed: %s", record.method, record.error)
+                if on_job:
+                    on_job(record)
+                continue
             store.write(record)
             summary.ran += 1
             if record.status != "ok":

@@ -106,7 +106,7 @@ def _stop(workers: list[_Worker], clean: bool) -> None:
 
 
 def execute_multi_gpu(cells: Iterator[Cell], options: Options) -> Iterator[CellRecord]:
-    """Hand cells to idle workers; yield records in the order they finish."""
+    """Hand cells (and expert jobs) to idle workers; yield records in the order they finish."""
     devices = worker_devices(options.device, options.workers)
     threads = max(1, torch.get_num_threads() // len(devices))
     ctx = mp.get_context("spawn")
@@ -153,3 +153,6 @@ def execute_multi_gpu(cells: Iterator[Cell], options: Options) -> Iterator[CellR
         clean = True
     finally:
         _stop(workers, clean)
+
+
+execute_multi_gpu.parallel = True  # run_grid hands it each expert as a job of its own

@@ -108,3 +108,6 @@ def execute_ray(cells: Iterator[Cell], options: Options) -> Iterator[CellRecord]
             ray.cancel(ref, force=True)
         if owned:
             ray.shutdown()
+
+
+execute_ray.parallel = True  # run_grid hands it each expert as a job of its own
