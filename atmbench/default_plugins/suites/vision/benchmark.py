@@ -33,7 +33,7 @@ VERSION = "3"
 2: OpenAI weights run with QuickGELU (open_clip >= 2.29 built them with GELU), fp32 logits.
 3: images from the decoded-image cache; training crops drawn on the device (``batches``)."""
 NUM_WORKERS = 8
-"""Processes decoding images: building the image cache (and the per-image fallback)."""
+"""Threads decoding images into the image cache (loader processes on the per-image fallback)."""
 GRAD_CHECKPOINTING_ENV = "ATMBENCH_GRAD_CHECKPOINTING"
 
 

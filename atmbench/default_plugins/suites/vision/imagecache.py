@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +45,7 @@ IMAGES, META = "images.u8", "meta.json"
 CHUNK = 1 << 26
 """Bytes per checksum (64 MiB): chunks are verified in parallel."""
 BUILD_BATCH = 256
-"""Images decoded per loader batch while building."""
+"""Images one decoding thread takes at a time while building."""
 _verified: set[tuple[str, int, int]] = set()
 """(path, size, mtime) of image files verified by this process."""
 
@@ -76,7 +76,7 @@ def decode(value: dict, feature: Any) -> Any:
 
 
 class _Decoded:
-    """Rows of a hub dataset as ``uint8`` arrays, for a ``DataLoader`` (maybe in workers)."""
+    """Rows of a hub dataset decoded and resized to ``uint8`` arrays, one at a time."""
 
     def __init__(self, rows: Any, resize: Resize):
         from datasets import Image
@@ -90,10 +90,6 @@ class _Decoded:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.resize(decode(self.rows[i]["image"], self.feature))
-
-
-def _stack(items: Sequence[np.ndarray]) -> np.ndarray:
-    return np.stack(items)
 
 
 def _chunk_digests(path: Path, size: int) -> list[str]:
@@ -144,25 +140,20 @@ class Entry:
 
 
 def _fill(path: Path, rows: Any, resize: Resize, workers: int) -> tuple[int, ...]:
-    from torch.utils.data import DataLoader
-
     shape = (len(rows), 3, resize.size, resize.size)
     if len(rows) == 0:
         path.touch()
         return shape
     out = np.memmap(path, dtype=np.uint8, mode="w+", shape=shape)
-    loader = DataLoader(
-        _Decoded(rows, resize),
-        batch_size=BUILD_BATCH,
-        num_workers=workers,
-        collate_fn=_stack,
-    )
-    start = 0
-    for batch in loader:
-        out[start : start + len(batch)] = batch
-        start += len(batch)
+    decoded = _Decoded(rows, resize)
+
+    def fill(start: int) -> None:
+        for i in range(start, min(len(rows), start + BUILD_BATCH)):
+            out[i] = decoded[i]
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(fill, range(0, len(rows), BUILD_BATCH)))
     out.flush()
-    del out
     with open(path, "rb") as f:
         os.fsync(f.fileno())
     return shape
@@ -179,8 +170,8 @@ def ensure(
 ) -> Entry:
     """The cache entry of ``rows`` (one split of ``task``) under ``resize``, built if missing.
 
-    ``workers`` decode in loader processes (small splits decode in-process: starting
-    workers costs more than they save).
+    ``workers`` threads decode side by side (Pillow releases the GIL while it decodes and
+    resizes, and threads work inside a multi-gpu worker, which may not start processes).
     """
     from PIL import __version__ as pillow
 
@@ -210,8 +201,7 @@ def ensure(
             progress(f"decoding {task} {split} ({len(rows)} images) into {final}")
         scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
         try:
-            small = len(rows) < 4 * BUILD_BATCH
-            shape = _fill(scratch / IMAGES, rows, resize, 0 if small else workers)
+            shape = _fill(scratch / IMAGES, rows, resize, workers)
             size = (scratch / IMAGES).stat().st_size
             meta = {
                 "key": key,
