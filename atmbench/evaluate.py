@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from atmbench.finetune import loader_workers
 from atmbench.metrics import Metric
 from atmbench.suite import TaskModel
 
@@ -36,7 +37,7 @@ def device_batches(
         dataset,
         batch_size=batch_size,
         shuffle=False,
-        num_workers=num_workers,
+        num_workers=loader_workers(num_workers),
         pin_memory=pin,
         collate_fn=getattr(dataset, "collate", None),
     )

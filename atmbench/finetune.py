@@ -7,6 +7,7 @@ Experts, ATM's tuning steps and the multi-task reference all train through
 from __future__ import annotations
 
 import math
+import multiprocessing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -69,6 +70,12 @@ def _lr_lambda(recipe: Recipe, total: int):
     return factor
 
 
+def loader_workers(requested: int) -> int:
+    """``requested`` loader processes, or 0 inside a daemonic process (a multi-gpu worker),
+    which may not start any."""
+    return 0 if multiprocessing.current_process().daemon else requested
+
+
 def _batches(dataset: Dataset, recipe: Recipe, seed: int, device: torch.device):
     """Endless shuffled batches moved to ``device``; the order is fixed by ``seed`` alone.
 
@@ -86,7 +93,7 @@ def _batches(dataset: Dataset, recipe: Recipe, seed: int, device: torch.device):
         batch_size=recipe.batch_size,
         shuffle=True,
         generator=generator,
-        num_workers=recipe.num_workers,
+        num_workers=loader_workers(recipe.num_workers),
         pin_memory=device.type == "cuda",
         collate_fn=getattr(dataset, "collate", None),
         drop_last=drop_last,

@@ -275,3 +275,25 @@ def test_finetune_trains_from_cached_batches(tmp_path, hub, decodes):
     again = bench.task_model("eurosat", bench.backbone())
     finetune(again, bench.dataset("eurosat", "train"), TWO_STEPS, seed=0, progress=False)
     assert all(torch.equal(after[k], v) for k, v in again.backbone.state_dict().items())
+
+
+def test_plain_datasets_load_in_process_inside_a_daemonic_worker(monkeypatch):
+    """A multi-gpu worker is daemonic and may not start loader processes: it loads itself."""
+    import multiprocessing
+
+    from torch.utils.data import TensorDataset
+
+    from atmbench.finetune import Recipe, loader_workers
+    from atmbench.heads import Classifier
+    from atmbench.metrics import ACCURACY
+
+    torch.manual_seed(0)
+    model = Classifier(torch.nn.Linear(4, 5), torch.nn.Linear(5, 3))
+    data = TensorDataset(torch.randn(20, 4), torch.randint(0, 3, (20,)))
+    assert loader_workers(4) == 4
+    expected = score(model, data, [ACCURACY], batch_size=8)
+    monkeypatch.setattr(multiprocessing.current_process(), "daemon", True)
+    assert loader_workers(4) == 0
+    assert score(model, data, [ACCURACY], batch_size=8, num_workers=2) == expected
+    recipe = Recipe(epochs=1, lr=0.1, batch_size=8, num_workers=2)
+    assert finetune(model, data, recipe, seed=0, progress=False).steps == 3
