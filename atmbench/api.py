@@ -32,9 +32,12 @@ DEFAULT_SHARD = "2GB"
 """Output shard size of ``merge_checkpoints`` (tensor bytes per file)."""
 
 
-def _resolve(spec: str, hparams: Mapping[str, Any]) -> tuple[MergeMethod, dict[str, Any], float]:
+def _resolve(
+    spec: str, hparams: Mapping[str, Any], per_task: bool = False
+) -> tuple[MergeMethod, dict[str, Any], float]:
     """The data-free method of ``spec``, its hyperparameters (keyword wins over the spec,
-    defaults fill the rest) without the final scale, and that scale."""
+    defaults fill the rest) without the final scale, and that scale. ``per_task``: whether
+    the caller builds a model per task (methods with ``per_task``) or one model (the rest)."""
     parsed = parse_spec(spec, registry.methods(), registry.refiners())
     if parsed.method is None or parsed.refiners:
         raise SpecError(
@@ -48,6 +51,13 @@ def _resolve(spec: str, hparams: Mapping[str, Any]) -> tuple[MergeMethod, dict[s
             f"method {method.name!r} needs data ({', '.join(method.needs) or method.data}); "
             f"only data-free methods merge without a suite: {', '.join(free)}"
         )
+    if method.per_task and not per_task:
+        raise SpecError(
+            f"method {method.name!r} keeps one model per task (it needs the task id at "
+            "inference): use atmbench.merge_per_task or 'atmbench run'"
+        )
+    if per_task and not method.per_task:
+        raise SpecError(f"method {method.name!r} merges into one model: use atmbench.merge")
     given = dict(parsed.method.fixed, **hp.resolve(method.all_hparams(), hparams, method.name))
     values = hp.defaults(method.all_hparams(), given)
     scale = values.pop(method.scale.name) if method.scale else 1.0
@@ -69,11 +79,6 @@ def merge(
     Task vectors are computed parameter by parameter, on the tensors' device.
     """
     method, values, scale = _resolve(spec, hparams)
-    if method.per_task:
-        raise SpecError(
-            f"method {method.name!r} keeps one model per task (it needs the task id at "
-            "inference): use atmbench.merge_per_task"
-        )
     vectors = DifferenceTaskVectors(base, experts)  # each τ_t computed per parameter
     delta = merged_task_vector(method, base, vectors, values, seed)
     return combine(base, delta, scale, consume=True)
@@ -89,9 +94,7 @@ def merge_per_task(
     """Task -> its own model, for a method that keeps one model per task (``emr``,
     ``tall_masks``: a shared merged vector and per-task masks or rescalers); as
     :func:`merge` otherwise (no search, data-free specs only)."""
-    method, values, scale = _resolve(spec, hparams)
-    if not method.per_task:
-        raise SpecError(f"method {method.name!r} merges into one model: use atmbench.merge")
+    method, values, scale = _resolve(spec, hparams, per_task=True)
     vectors = DifferenceTaskVectors(base, experts)
     shared, state = merged_with_state(method, base, vectors, values, seed)
     return {

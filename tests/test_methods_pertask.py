@@ -14,6 +14,7 @@ from test_methods_catalogue import GOLDEN, TASKS, clip_inputs
 
 import atmbench
 from atmbench import registry
+from atmbench.api import merge_checkpoints
 from atmbench.runner import plan
 from atmbench.spec import SpecError
 
@@ -80,11 +81,13 @@ def test_per_task_models_match_fusionbench(golden, spec, atol):
         assert torch.allclose(models[task][key], value, atol=atol, rtol=0), name
 
 
-def test_per_task_methods_refuse_a_single_model_and_a_refiner():
+def test_per_task_methods_refuse_a_single_model_and_a_refiner(tmp_path):
     with pytest.raises(SpecError, match="one model per task.*merge_per_task"):
         atmbench.merge("emr", ZERO, EXPERTS)
     with pytest.raises(SpecError, match="'ta' merges into one model"):
         atmbench.merge_per_task("ta", ZERO, EXPERTS)
+    with pytest.raises(SpecError, match="one model per task.*merge_per_task or 'atmbench run'"):
+        merge_checkpoints("tall_masks", "base", ["a", "b"], tmp_path / "out")
     with pytest.raises(ValueError, match="no refiner can follow it: run 'emr' without '\\+lines'"):
         plan("digits8", None, ["emr+lines"], [0])
 
