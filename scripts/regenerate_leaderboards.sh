@@ -18,6 +18,8 @@
 #   SEEDS     default 0,1,2
 #   MODEL     default: the suite's first model (with several SUITES, it must fit them all)
 #   RUN_ARGS  extra `atmbench run` arguments, e.g. "--device cuda" or "--executor multi-gpu"
+#   SKIP_<suite>  method names left out of that suite's grid (default for text8: the four
+#             methods that do not run on a language model yet, see tests/test_text8_methods.py)
 #   OUT       default leaderboards
 #   ATMBENCH_HOME  default: a fresh temporary directory, so no stale expert or cell leaks in
 set -euo pipefail
@@ -27,6 +29,7 @@ SUITES=${SUITES:-"digits8 text8"}
 SEEDS=${SEEDS:-0,1,2}
 OUT=${OUT:-leaderboards}
 REFINED=${REFINED:-"ta ties tsv"}
+SKIP_text8=${SKIP_text8-"adamerging adamerging_layer localize_stitch regmean_pp"}
 export ATMBENCH_HOME=${ATMBENCH_HOME:-$(mktemp -d -t atmbench-leaderboards.XXXXXX)}
 
 # Names listed under one heading ("Methods:", "Refiners:") of `atmbench list`.
@@ -50,8 +53,16 @@ echo "methods: $METHODS" >&2
 status=0
 # --trace test: ATM's per-iteration test curve, drawn as <suite>-<model>-atm.png
 for suite in $SUITES; do
+    skip_var="SKIP_$suite"
+    kept=()
+    for spec in ${METHODS//,/ }; do   # drop a spec whose method (before ':' or '+') is skipped
+        name=${spec%%[:+]*}
+        [[ " ${!skip_var:-} " == *" $name "* ]] || kept+=("$spec")
+    done
+    suite_methods=$(IFS=,; echo "${kept[*]}")
+    echo "$suite: $suite_methods" >&2
     # shellcheck disable=SC2086  # RUN_ARGS is a list of words on purpose
-    atmbench run --suite "$suite" ${MODEL:+--model "$MODEL"} --methods "$METHODS" --seeds "$SEEDS" \
+    atmbench run --suite "$suite" ${MODEL:+--model "$MODEL"} --methods "$suite_methods" --seeds "$SEEDS" \
         --trace test --quiet ${RUN_ARGS:-} >/dev/null || status=$?   # failed cells: render the rest, then fail
 done
 

@@ -132,8 +132,11 @@ def test_multi_gpu_trains_one_seeds_experts_as_parallel_jobs(reference, shared_h
     assert sorted(r.method for r in jobs) == sorted(f"expert:{t}" for t in SEED0_TASKS)
     assert all(r.status == "ok" for r in jobs)
     trained = {r.trace[0]["task"]: r.trace[0]["pid"] for r in jobs if r.trace[0]["trained"]}
-    assert sorted(trained) == sorted(missing)
-    assert len(set(trained.values())) == 2  # spread over both workers
+    # The first two jobs start on both idle workers before any cell is handed out; the
+    # third may lose its expert's lock to the `experts` cell (the other worker reaches that
+    # cell after five cached jobs), which then trains it once, under the lock, instead.
+    assert set(missing[:2]) <= set(trained) <= set(missing)
+    assert trained[missing[0]] != trained[missing[1]]  # spread over both workers
     assert rows(store) == {k: v for k, v in reference.items() if k[0] in ("experts", "ta:lam=0.3")}
     # the local executor trains in the cell, as before: no jobs
     assert not getattr(get_executor("local"), "parallel", False)
