@@ -13,7 +13,8 @@
 # Variables (all optional):
 #   SUITES    space-separated suites, each run as its own `atmbench run` (default: "digits8 text8")
 #   METHODS   comma-separated method specs; default: every method `atmbench list` shows,
-#             every refiner alone (e.g. atm, from the base) and after each of REFINED
+#             every refiner that can start from the base alone (atm) and each refiner
+#             after each of REFINED
 #   REFINED   methods also run with each refiner appended (default: "ta ties tsv")
 #   SEEDS     default 0,1,2
 #   MODEL     default: the suite's first model (with several SUITES, it must fit them all)
@@ -32,21 +33,20 @@ REFINED=${REFINED:-"ta ties tsv"}
 SKIP_text8=${SKIP_text8-"adamerging adamerging_layer localize_stitch regmean_pp"}
 export ATMBENCH_HOME=${ATMBENCH_HOME:-$(mktemp -d -t atmbench-leaderboards.XXXXXX)}
 
-# Names listed under one heading ("Methods:", "Refiners:") of `atmbench list`.
-names_under() {
-    atmbench list 2>/dev/null | awk -v want="$1:" '/^[A-Z][A-Za-z]*:$/ {on = ($0 == want); next} on {print $1}'
+# Every method, every refiner that can start from the base alone (atm; lines only refines
+# a merge), and each refiner after each of REFINED: read from the registry that runs them.
+default_specs() {
+    python - "$REFINED" <<'PY'
+import sys
+from atmbench import registry
+specs = sorted(registry.methods())
+for name, refiner in sorted(registry.refiners().items()):
+    specs += [name] if refiner.data_from_base is not None else []
+    specs += [f"{method}+{name}" for method in sys.argv[1].split()]
+print(",".join(specs))
+PY
 }
-
-if [ -z "${METHODS:-}" ]; then
-    specs=($(names_under Methods))
-    for refiner in $(names_under Refiners); do
-        specs+=("$refiner")
-        for method in $REFINED; do
-            specs+=("$method+$refiner")
-        done
-    done
-    METHODS=$(IFS=,; echo "${specs[*]}")
-fi
+METHODS=${METHODS:-$(default_specs)}
 
 echo "ATMBENCH_HOME=$ATMBENCH_HOME" >&2
 echo "methods: $METHODS" >&2
