@@ -107,6 +107,9 @@ def _compile() -> None:
         kept = torch.empty(2, 4 * CHUNK)
         bracket_counts.__wrapped__(rows[0], 0.1, 0.9, below, kept, filled, (1, 0.5))
         kth_smallest.__wrapped__(kept[:, :8].abs(), torch.full((2,), 8), torch.full((2,), 3))
+        histograms = torch.zeros(2, RADIX, dtype=torch.int64)
+        radix_counts.__wrapped__(rows[0], -1, histograms, (1, 0.5))
+        radix_counts.__wrapped__(rows[0], 0x3F00, histograms)
     except BaseException as error:  # surfaced by compile_kernels; calls stay on torch
         _failure.append(error)
         return
@@ -493,6 +496,70 @@ def bracket_counts(
         below.numpy(),
         kept.numpy(),
         filled.numpy(),
+        drop is not None,
+        np.uint64(seed),
+        np.float32(p),
+        dare_denominator(p),
+    )
+
+
+RADIX = 1 << 16
+"""Bins of :func:`radix_counts`' histograms: one per value of 16 bits of a float32."""
+
+
+@njit(inline="always")
+def _histogram(bits, prefix, histogram):
+    """Count each int32 of ``bits`` (float32 bit patterns, any sign) as |x| in ``histogram``:
+    by its high 16 bits if ``prefix < 0``, else by its low 16 bits if its high 16 bits are
+    ``prefix`` (an add of 0 where not: no branch the data decides)."""
+    if prefix < 0:
+        for j in range(bits.shape[0]):
+            histogram[(bits[j] & _MAGNITUDE) >> 16] += 1
+    else:
+        for j in range(bits.shape[0]):
+            b = bits[j] & _MAGNITUDE
+            histogram[b & 0xFFFF] += np.int64((b >> 16) == prefix)
+
+
+@njit(parallel=True, cache=True)
+def _radix(values, bits, prefix, counts, dropping, seed, p, survivors):
+    parts = counts.shape[0]
+    step = (values.shape[0] + parts - 1) // parts
+    for part in prange(parts):
+        dropped = np.empty(CHUNK, dtype=np.float32)
+        drawn = dropped.view(np.int32)
+        end = min(values.shape[0], (part + 1) * step)
+        for start in range(part * step, end, CHUNK):
+            stop = min(end, start + CHUNK)
+            if dropping:
+                _dropped(values[start:stop], seed, np.uint64(start), p, survivors, dropped)
+                _histogram(drawn[: stop - start], prefix, counts[part])
+            else:
+                _histogram(bits[start:stop], prefix, counts[part])
+
+
+@routed(compiled)
+def radix_counts(
+    values: Tensor, prefix: int, counts: Tensor, drop: tuple[int, float] | None = None
+) -> None:
+    """Add the histogram of |values|' float32 bits to ``counts``: of their high 16 bits if
+    ``prefix < 0``, else of the low 16 bits of those whose high 16 bits are ``prefix``. Two
+    such passes find any order statistic exactly in :data:`RADIX` counters (for x ≥ 0 the
+    order of the bits is the order of the values), where a selection over the values would
+    hold them all.
+
+    Like :func:`bracket_counts`: ``values`` (one task's tensor, any shape) is split into as
+    many contiguous parts as ``counts`` (int64 ``[parts, RADIX]``) has rows, counted in
+    parallel; ``drop = (seed, p)`` counts :func:`dare`'s dropped values, drawn on the fly.
+    """
+    _threads()
+    seed, p = drop if drop else (0, 0.0)
+    flat = values.detach().float().contiguous().reshape(-1)
+    _radix(
+        flat.numpy(),
+        flat.view(torch.int32).numpy(),
+        np.int32(prefix),
+        counts.numpy(),
         drop is not None,
         np.uint64(seed),
         np.float32(p),

@@ -209,6 +209,26 @@ def bracket_counts(
         filled[part] += inside.numel()
 
 
+def radix_counts(
+    values: Tensor, prefix: int, counts: Tensor, drop: tuple[int, float] | None = None
+) -> None:
+    """:func:`atmbench.kernels.radix_counts` in torch (the counts stay on the CPU)."""
+    flat = values.detach().float().reshape(-1)
+    if drop:
+        seed, p = drop
+        flat = _dropped(flat, seed, 0, p, _survivors(dare_denominator(p), flat.device))
+    bits = flat.view(torch.int32) & 0x7FFFFFFF  # |x|, as the kernel reads it
+    parts, bins = counts.shape
+    step = (bits.numel() + parts - 1) // parts
+    for part in range(parts):
+        piece = bits[part * step : (part + 1) * step]
+        if prefix >= 0:
+            piece = piece[(piece >> 16) == prefix] & 0xFFFF
+        else:
+            piece = piece >> 16
+        counts[part] += torch.bincount(piece, minlength=bins).cpu()
+
+
 def kth_smallest(magnitudes: Tensor, counts: Tensor, ranks: Tensor) -> Tensor:
     """:func:`atmbench.kernels.kth_smallest` in torch (``[T]`` float32 on the CPU)."""
     out = torch.empty(magnitudes.shape[0])

@@ -7,8 +7,10 @@ the two back to back (a shared machine's speed drifts; a ratio in one round does
 
 Inputs are what the streaming loop hands a kernel for a ViT-B-32 tower: 8 tasks, blocks of
 ``streaming.BLOCK`` entries per task; the threshold cases take a whole parameter and TIES'
-sample. One thread (the kernels follow torch's count): on a shared, oversubscribed machine
-torch's parallel regions stall on each other and would inflate the plain side's time.
+sample; TIES' exact fallback (a histogram of the float bits) takes a whole parameter of
+bf16 differences, against ``torch.bincount`` (the kernel's torch form). One thread (the
+kernels follow torch's count): on a shared, oversubscribed machine torch's parallel regions
+stall on each other and would inflate the plain side's time.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from atmbench import kernels
+from atmbench import kernels, torch_kernels
 from atmbench.default_plugins.methods.masking import band_limits, middle_band
 from atmbench.method import TensorContext
 from atmbench.streaming import BLOCK
@@ -122,6 +124,19 @@ def _kth() -> tuple[Callable, Callable]:
     return lambda: kernels.kth_smallest(sample, counts, torch.full((TASKS,), rank)), plain
 
 
+def _radix() -> tuple[Callable, Callable]:
+    """TIES' exact fallback: the first pass's histogram over bf16 differences (heavy ties)."""
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(3072, 768, generator=gen).bfloat16()
+    values = (base.float() + 1e-2 * torch.randn(base.shape, generator=gen)).bfloat16().float()
+    values -= base.float()
+    counts = torch.zeros(4, kernels.RADIX, dtype=torch.int64)
+    return (
+        lambda: kernels.radix_counts(values, -1, counts),
+        lambda: torch_kernels.radix_counts(values, -1, counts),
+    )
+
+
 CASES = {
     "band_sum": _band,
     "kth_smallest": _kth,
@@ -129,6 +144,7 @@ CASES = {
     "dare": _dare,
     "consensus": _consensus,
     "bracket_counts": _bracket,
+    "radix_counts": _radix,
 }
 
 

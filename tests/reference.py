@@ -6,10 +6,12 @@ the kernels with: production code runs the kernels. Stacked task vectors ``[T, .
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from atmbench.method import TensorContext
+from atmbench.streaming import floating_keys
 
 
 def _per_entry(thresholds: Tensor, like: Tensor) -> Tensor:
@@ -63,6 +65,25 @@ def bracket_counts(values: Tensor, lo: float, hi: float) -> tuple[int, Tensor]:
     for one part)."""
     magnitudes = values.abs().reshape(-1)
     return int((magnitudes < lo).sum()), magnitudes[(magnitudes >= lo) & (magnitudes <= hi)]
+
+
+def partition_thresholds(vectors, k: float, seed: int = 0, transform=None) -> Tensor:
+    """TIES' model-wide thresholds by gathering each task's |τ| in float32 and selecting with
+    ``np.partition``: ``masking.exact_thresholds``' definition (its fallback until it counted
+    the float bits instead), holding a whole task vector."""
+    out = torch.zeros(len(vectors.tasks))
+    for t, task in enumerate(vectors.tasks):
+        pieces = []
+        for key in floating_keys(vectors):
+            values = vectors.get(task, key).unsqueeze(0)
+            if transform:
+                values = transform(values.float(), TensorContext(key, (task,), seed))
+            pieces.append(values.float().abs().reshape(-1).cpu().numpy())
+        magnitudes = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+        rank = magnitudes.size - int(magnitudes.size * k)
+        if rank > 0:
+            out[t] = float(np.partition(magnitudes, rank - 1)[rank - 1])
+    return out
 
 
 def official_middle_keep(tensor: Tensor, keep: float, outliers: float) -> Tensor:

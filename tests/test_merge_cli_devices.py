@@ -88,6 +88,20 @@ def test_bracket_counts_and_kth_smallest_are_the_kernels(drop):
     assert torch.equal(ours[3], theirs[3])
 
 
+@pytest.mark.parametrize("drop", [None, (17, 0.5)])
+def test_radix_counts_are_the_kernels(drop):
+    values = _tasks((50_001,), tasks=1).reshape(-1).bfloat16().float()  # repeated values
+    values[::5] = -values[::5]
+    values[:3] = torch.tensor([float("inf"), -0.0, 0.0])
+    high = int(values[7].abs().view(torch.int32)) >> 16
+    for prefix in (-1, high, 0x7F80, 0):
+        counts = [torch.zeros(4, kernels.RADIX, dtype=torch.int64) for _ in range(2)]
+        for module, into in zip((torch_kernels, kernels), counts, strict=True):
+            for _ in range(2):  # the counts add up over calls
+                module.radix_counts(values, prefix, into, drop)
+        assert torch.equal(counts[0], counts[1]) and int(counts[0].sum()) > 0
+
+
 SPECS = ["ta", "ties", "dare_ta:p=0.9", "dare_ties:p=0.9", "breadcrumbs", "consensus_ta",
          "consensus_ties", "average"]  # fmt: skip
 
@@ -111,7 +125,7 @@ def test_torch_forms_give_the_kernels_merge(monkeypatch, spec, why):
     else:  # not ready, and a compile under way (so no thread starts)
         monkeypatch.setattr(kernels, "_ready", threading.Event())
         monkeypatch.setattr(kernels, "_compiling", threading.Thread(target=lambda: None))
-    for compiled in ("_addresses", "_bracket", "_kth_smallest", "_uniforms"):
+    for compiled in ("_addresses", "_bracket", "_kth_smallest", "_radix", "_uniforms"):
         monkeypatch.setattr(kernels, compiled, no_numba)
     merged = atmbench.merge(spec, base, experts, seed=4)
     for key, tensor in expected.items():

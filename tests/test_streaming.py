@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -13,6 +15,7 @@ from reference import (
     disjoint_merge,
     elect_sign,
     official_middle_keep,
+    partition_thresholds,
     tall_masks,
     trim,
 )
@@ -313,6 +316,112 @@ def test_heavy_ties_give_the_exact_threshold():
     }
     for k in (0.1, 0.5, 0.9):
         assert global_thresholds(InMemoryTaskVectors(vectors), k).tolist() == _exact(vectors, k)
+
+
+def test_the_exact_selection_by_hand_with_ties_at_the_threshold():
+    """|τ| sorted: 0.25, 0.5, then six 1s (three of them -1), 2, 3; beside them 1 + 2⁻²³
+    and 1 + 2⁻²², which share 1's high 16 bits (the second pass tells them apart).
+
+    d = 10: k = 0.5 keeps n = 5, threshold the 5th smallest = 1 (the ties at it are kept:
+    8 entries); k = 0.2 the 8th smallest, 1 again; k = 0.1 the 9th, 2. With the two near-1
+    values (d = 12): k = 0.25 the 9th smallest, 1 + 2⁻²³; k = 0.2 (n = 2) the 10th, 1 + 2⁻²².
+    """
+    w = torch.tensor([0.5, -1, 1, 1, -1, 2, 3, -1, 1, 0.25])
+    vectors = InMemoryTaskVectors({"a": {"w": w}, "b": {"w": -w}})
+    for k, want in ((0.5, 1.0), (0.2, 1.0), (0.1, 2.0), (1.0, 0.0)):
+        assert exact_thresholds(vectors, k).tolist() == [want, want]
+    near = torch.tensor([1 + 2**-23, 1 + 2**-22])
+    assert (near.view(torch.int32) >> 16).tolist() == [0x3F80, 0x3F80]
+    vectors = InMemoryTaskVectors({"a": {"w": w, "v": near}})
+    assert exact_thresholds(vectors, 0.25).tolist() == [1 + 2**-23]
+    assert exact_thresholds(vectors, 0.2).tolist() == [1 + 2**-22]
+
+
+def _bf16_experts(seed: int, tasks: int = 3) -> dict:
+    """τ = θ_t − θ0 of bf16 weights, in float32: few distinct values, heavy ties."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"w": (300, 700), "b": (700,), "e": (50, 40, 3), "s": ()}
+    base = {k: torch.randn(s, generator=gen).bfloat16() for k, s in shapes.items()}
+
+    def expert(v):
+        return (v.float() + 0.01 * torch.randn(v.shape, generator=gen)).bfloat16()
+
+    return {
+        f"t{t}": {k: expert(v).float() - v.float() for k, v in base.items()} for t in range(tasks)
+    }
+
+
+@pytest.mark.parametrize("k", [0.001, 0.2, 0.5, 0.97, 1.0])
+def test_the_exact_selection_equals_a_partition_on_bf16_differences(k):
+    vectors = InMemoryTaskVectors(_bf16_experts(seed=int(k * 1000)))
+    want = partition_thresholds(vectors, k)
+    assert torch.equal(exact_thresholds(vectors, k), want)
+    for transform in (masking.Drop(0.5), lambda tv, ctx: dare(tv, ctx, 0.3)):
+        want = partition_thresholds(vectors, k, 7, transform)
+        assert torch.equal(exact_thresholds(vectors, k, 7, transform), want)
+
+
+def test_an_overflow_of_ties_gives_the_partitions_threshold(monkeypatch):
+    """The bracket holds the rank but far more tied values than it keeps (bf16 LLMs)."""
+    vectors = InMemoryTaskVectors(_bf16_experts(seed=1))
+    monkeypatch.setattr(masking, "CAPACITY", 4096)
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return exact_thresholds(*args)
+
+    monkeypatch.setattr(masking, "exact_thresholds", spy)
+    for k in (0.1, 0.2, 0.5):
+        assert torch.equal(global_thresholds(vectors, k), partition_thresholds(vectors, k))
+        dropped = global_thresholds(vectors, k, 3, masking.Drop(0.5))
+        assert torch.equal(dropped, partition_thresholds(vectors, k, 3, masking.Drop(0.5)))
+    assert len(calls) == 6
+
+
+LAZY_SELECTION = r"""
+import resource, sys, torch
+from atmbench import kernels
+from atmbench.default_plugins.methods import masking
+
+class Lazy:  # task vectors made when asked for and held nowhere: what stays is the selection's
+    unchecked = False
+
+    def __init__(self, params):
+        self.tasks, self.params = ("a", "b"), params
+
+    def keys(self, task):
+        return [f"p{i}" for i in range(self.params)]
+
+    def get(self, task, key):
+        gen = torch.Generator().manual_seed(self.tasks.index(task) * 1000 + int(key[1:]))
+        return torch.randint(-50, 51, (1 << 20,), generator=gen).float() * 2**-10  # ties
+
+def peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+kernels.compile_kernels()
+masking.exact_thresholds(Lazy(2), 0.2, 0, sys.argv[1] == "drop" and masking.Drop(0.5))
+before = peak()
+got = masking.exact_thresholds(Lazy(64), 0.2, 0, sys.argv[1] == "drop" and masking.Drop(0.5))
+print(peak() - before, *got.tolist())
+"""
+
+
+@pytest.mark.parametrize("drop", ["none", "drop"])
+def test_the_exact_selection_holds_one_parameter_not_a_task_vector(drop):
+    """Two tasks of 64 parameters of 2^20 tied values (256 MB of float32 each), made when
+    asked for: the selection's peak RSS grows by far less than one task vector (gathering a
+    task's magnitudes and partitioning them took twice its size)."""
+    done = subprocess.run(
+        [sys.executable, "-c", LAZY_SELECTION, drop], capture_output=True, text=True, check=True
+    )
+    grown, *thresholds = done.stdout.split()
+    assert int(grown) < 48 * 2**20  # a task vector: 256 MiB
+    # |τ| · 2^10 ≤ m for (2m + 1) / 101 of the entries: 80% is first reached at m = 40;
+    # with half dropped (and the rest doubled), 1/2 + (2m + 1) / 202 first at m = 30
+    want = 60.0 if drop == "drop" else 40.0
+    assert [float(v) * 2**10 for v in thresholds] == [want, want]
 
 
 @pytest.mark.parametrize("shift", [0.3, -0.3])
