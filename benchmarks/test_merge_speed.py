@@ -115,34 +115,76 @@ def _fresh_process(command: list[str], env: dict[str, str] | None = None) -> tup
     return float(out[-3]), float(out[-2]), float(out[-1])
 
 
-@pytest.mark.skipif(not FUSIONBENCH_PYTHON, reason="set ATMBENCH_FUSIONBENCH_PYTHON")
-@pytest.mark.parametrize("name", sorted(SVD))
-def test_svd_against_fusionbench(benchmark, tower, name):
-    """FusionBench's merge, then ours, each in a fresh process (then the ``before`` checkout's):
-    the ratio of two timings taken a minute apart on the same inputs."""
-    directory, _, _ = tower
+WUDI_STEPS = int(os.environ.get("ATMBENCH_WUDI_STEPS", "300"))
+ANCHORED = {
+    "tsv": "fusionbench.tsv",
+    "iso_c": "fusionbench.iso_c",
+    "iso_cts": "fusionbench.iso_cts",
+    f"wudi:scope=matrices,steps={WUDI_STEPS}": "fusionbench.wudi",
+    "magmax": "fusionbench.magmax",
+    "model_stock:average=angle": "fusionbench.model_stock",
+    "emr": "fusionbench.emr",
+    "tall_masks": "fusionbench.tall_masks",
+    "model_stock": "mergekit.model_stock",
+    "della": "mergekit.della",
+    "cart": "official.cart",
+    "pcb": "official.pcb",
+    "ta+lines": "official.lines",
+}
+"""atmbench's spec -> the anchor (``anchor_merge.ANCHORS``) that computes the same merge:
+FusionBench 0.2.33 where it has the method (WUDI with its scope, Model Stock with its
+averaged angles), mergekit 0.1.5 (Model Stock's averaged cosines, DELLA), else the
+authors' code (CART, PCB, LiNeS: FusionBench 0.2.33 has none of them)."""
+ANCHOR_PYTHON = {
+    "fusionbench": FUSIONBENCH_PYTHON,
+    "mergekit": os.environ.get("ATMBENCH_MERGEKIT_PYTHON"),
+    "official": os.environ.get("ATMBENCH_OFFICIAL_PYTHON"),
+}
+
+
+@pytest.mark.parametrize("spec", list(ANCHORED))
+def test_against_anchor(benchmark, tower, spec):
+    """The read floor, the anchor's merge, then ours, each merge in a fresh process (then the
+    ``before`` checkout's): ratios of timings taken a minute apart on the same inputs. The
+    anchor's Python comes from ATMBENCH_FUSIONBENCH_PYTHON, ATMBENCH_MERGEKIT_PYTHON or
+    ATMBENCH_OFFICIAL_PYTHON (with ATMBENCH_{CART,PCB,LINES}_SRC, see ``anchor_merge.py``)."""
+    anchor = ANCHORED[spec]
+    python = ANCHOR_PYTHON[anchor.split(".")[0]]
+    if not python:
+        pytest.skip(f"no Python for {anchor} (see anchor_merge.py)")
+    directory, base, files = tower
     figures: dict[str, tuple[float, ...]] = {}
-    fusionbench = [FUSIONBENCH_PYTHON, str(HERE / "fusionbench_svd.py"), str(directory), name]
-    ours = [sys.executable, str(HERE / "tower.py"), str(directory), name]
+    command = [python, str(HERE / "anchor_merge.py"), str(directory), anchor, str(WUDI_STEPS)]
+    ours = [sys.executable, str(HERE / "tower.py"), str(directory), spec]
+
+    def setup() -> None:
+        figures["floor"] = (_floor(files),)
+        figures[anchor] = _fresh_process(command)
+
     benchmark.pedantic(
-        lambda: figures.update(ours=_fresh_process(ours)),
-        setup=lambda: figures.update(fusionbench=_fresh_process(fusionbench)),
-        rounds=1,
-        iterations=1,
+        lambda: figures.update(ours=_fresh_process(ours)), setup=setup, rounds=1, iterations=1
     )
     if BEFORE_SRC:
         env = {**os.environ, "PYTHONPATH": BEFORE_SRC}
         figures["before"] = _fresh_process(ours, env)
-    ratio = figures["ours"][0] / figures["fusionbench"][0]
-    benchmark.extra_info.update(
-        x_fusionbench=ratio, **{f"{k}_s_rss_anon": v for k, v in figures.items()}
+    model_gb = base.stat().st_size / 2**30
+    result = {
+        "anchor": anchor,
+        "floor": figures["floor"][0],
+        "x_anchor": figures["ours"][0] / figures[anchor][0],
+        "x_anchor_rss": figures["ours"][1] / figures[anchor][1],
+        **{f"{who}_s_rss_anon": v for who, v in figures.items() if who != "floor"},
+    }
+    benchmark.extra_info.update(result)
+    RESULTS.setdefault(spec, {}).update(result)
+    for who, (seconds, peak, anon) in ((k, v) for k, v in figures.items() if k != "floor"):
+        print(
+            f"\n{spec} {who}: {seconds:.2f} s = {seconds / result['floor']:.1f}x the read floor, "
+            f"peak RSS {peak:.2f} GB, anonymous {anon:.2f} GB = {anon / model_gb:.2f}x one model"
+        )
+    print(
+        f"{spec}: {result['x_anchor']:.3f}x {anchor}'s time, {result['x_anchor_rss']:.2f}x its RSS"
     )
-    RESULTS.setdefault(name, {}).update(
-        x_fusionbench=ratio, **{f"{k}_s": v[0] for k, v in figures.items()}
-    )
-    for who, (seconds, peak, anon) in figures.items():
-        print(f"\n{name} {who}: {seconds:.2f} s, peak RSS {peak:.2f} GB, anonymous {anon:.2f} GB")
-    print(f"{name}: {ratio:.3f}x FusionBench's time")
 
 
 def pytest_terminal_summary_lines() -> list[str]:
@@ -160,11 +202,15 @@ def pytest_terminal_summary_lines() -> list[str]:
             f"{r.get('peak_rss_gb', float('nan')):.2f} | {r.get('x_model', float('nan')):.2f}x"
         )
     for name, r in RESULTS.items():
-        if "x_fusionbench" in r:
-            before = f", before {r['before_s']:.2f} s" if "before_s" in r else ""
+        if "x_anchor" in r:
+            ours, anchor = r["ours_s_rss_anon"], r[f"{r['anchor']}_s_rss_anon"]
+            before = (
+                f", before {r['before_s_rss_anon'][0]:.2f} s" if "before_s_rss_anon" in r else ""
+            )
             lines.append(
-                f"{name} | {r['x_fusionbench']:.3f}x FusionBench ({r['ours_s']:.2f} s against "
-                f"{r['fusionbench_s']:.2f} s{before})"
+                f"{name} | {r['x_anchor']:.3f}x {r['anchor']}'s time ({ours[0]:.2f} s against "
+                f"{anchor[0]:.2f} s{before}; floor {r['floor']:.3f} s) | RSS {ours[1]:.2f} GB "
+                f"against {anchor[1]:.2f} GB ({r['x_anchor_rss']:.2f}x)"
             )
     if "read floor" in RESULTS:
         lines.append(f"read floor: {TASKS} x {RESULTS['read floor']['model_gb']:.2f} GB")

@@ -6,10 +6,10 @@ safetensors file per task, exactly what the expert cache holds for vision8.
 
 from __future__ import annotations
 
-import resource
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,49 +65,77 @@ def read_all(files: list[Path]) -> float:
     return total
 
 
-def merge_once(directory: Path, name: str) -> float:
-    """Stream ``name`` over the tower with its default hyperparameters; return seconds."""
+def merge_once(directory: Path, spec: str) -> float:
+    """Stream the data-free ``spec`` over the tower; return seconds.
+
+    Hyperparameters are the method's defaults unless the spec fixes them. A per-task method
+    (``emr``, ``tall_masks``) builds every task's model in turn, one in memory at a time, as
+    the runner scores them; ``METHOD+lines`` scales the method's unscaled merge by LiNeS.
+    """
     from safetensors.torch import load_file
 
-    import atmbench
-    from atmbench import kernels
+    from atmbench import kernels, registry
+    from atmbench.default_plugins.refiners.lines import lines
     from atmbench.method import FileTaskVectors, combine
-    from atmbench.streaming import merged_task_vector
+    from atmbench.spec import parse_spec
+    from atmbench.streaming import merged_with_state, task_vector
 
-    method = atmbench.methods()[name]
-    hparams = {h.name: h.default for h in method.hparams}
+    parsed = parse_spec(spec, registry.methods(), registry.refiners())
+    method = registry.methods()[parsed.method.name]
+    hparams = {h.name: parsed.method.fixed.get(h.name, h.default) for h in method.all_hparams()}
+    scale = hparams.pop(method.scale.name) if method.scale else 1.0
     base = load_file(str(directory / "base.safetensors"))
-    files = {f"task{t}": directory / f"task{t}.safetensors" for t in range(TASKS)}
+    vectors = FileTaskVectors(
+        {f"task{t}": directory / f"task{t}.safetensors" for t in range(TASKS)}
+    )
     kernels.compile_kernels()  # loaded from the cache; not the torch forms' speed
     started = time.perf_counter()
-    delta = merged_task_vector(method, base, FileTaskVectors(files), hparams, seed=0)
-    combine(base, delta, method.scale.default if method.scale else 1.0, consume=True)
+    delta, state = merged_with_state(method, base, vectors, hparams, seed=0)
+    if method.per_task:
+        for task in vectors.tasks:
+            combine(base, task_vector(method, base, vectors, delta, hparams, state, task), scale)
+    elif [r.name for r in parsed.refiners] == ["lines"]:
+        beta = {h.name: h.default for h in registry.refiners()["lines"].hparams}["beta"]
+        lines(base, delta, vectors, parsed.refiners[0].fixed.get("beta", beta))
+    else:
+        combine(base, delta, scale, consume=True)
     return time.perf_counter() - started
 
 
-def _anonymous_rss_gb() -> float:
-    """Resident memory the process allocated itself (not pages of mapped files)."""
+def _status_gb(field: str) -> float:
+    """A memory figure of ``/proc/self/status`` in GB: ``RssAnon`` (resident memory the
+    process allocated itself, not pages of mapped files) or ``VmHWM`` (peak RSS; not
+    ``ru_maxrss``, which a process started by fork and exec inherits from its parent)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 2**20
     return float("nan")
 
 
-if __name__ == "__main__":
-    # python benchmarks/tower.py DIR METHOD: one merge in a fresh process, for peak memory.
-    # Prints seconds, peak RSS (GB, including the memory-mapped task-vector pages the
-    # kernel counts as resident) and peak anonymous RSS (GB, sampled every 5 ms).
+def measured(merge: Callable[[], object]) -> str:
+    """The line a fresh merge process prints for ``test_merge_speed``: seconds, peak RSS and
+    peak anonymous RSS (GB, sampled every 5 ms) of one call of ``merge``; the seconds are
+    those ``merge`` returns where it times itself (:func:`merge_once`: after its set-up)."""
     peak_anon = [0.0]
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.005):
-            peak_anon[0] = max(peak_anon[0], _anonymous_rss_gb())
+            peak_anon[0] = max(peak_anon[0], _status_gb("RssAnon"))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    seconds = merge_once(Path(sys.argv[1]), sys.argv[2])
+    started = time.perf_counter()
+    timed = merge()
+    seconds = timed if isinstance(timed, float) else time.perf_counter() - started
     done.set()
     sampler.join()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"{seconds:.3f} {peak:.3f} {max(peak_anon[0], _anonymous_rss_gb()):.3f}")
+    anon = max(peak_anon[0], _status_gb("RssAnon"))
+    return f"{seconds:.3f} {_status_gb('VmHWM'):.3f} {anon:.3f}"
+
+
+if __name__ == "__main__":
+    # python benchmarks/tower.py DIR SPEC: one merge in a fresh process, for peak memory.
+    # Prints seconds, peak RSS (GB, including the memory-mapped task-vector pages the
+    # kernel counts as resident) and peak anonymous RSS (GB).
+    print(measured(lambda: merge_once(Path(sys.argv[1]), sys.argv[2])))
