@@ -35,6 +35,9 @@ SOURCES = {
     "AdaMerging logs": "E. Yang et al., AdaMerging: Adaptive Model Merging for Multi-Task "
     "Learning, ICLR 2024, arXiv:2310.02575 (training logs in the official repository "
     "EnnengYang/AdaMerging, logs/ViT-B-32)",
+    "FusionBench CLIP docs": "FusionBench documentation, docs/modelpool/clip_vit.md "
+    "(tanganke/fusion_bench @54c9e8c), tables of multi-task model merging with its CLIP-ViT-B/32 "
+    "and ViT-L/14 experts (FusionBench's own runs)",
     "FusionBench MagMax docs": "FusionBench documentation, docs/algorithms/magmax.md "
     "(tanganke/fusion_bench), FusionBench's own runs of MagMax",
     "FusionBench Flan-T5 docs": "FusionBench documentation, docs/modelpool/flan-t5_generation.md "
@@ -134,6 +137,35 @@ GLUE_FIGURES = (
 )
 
 
+def _vision8_l14(
+    method: str, name: str, figure: str, source: str, setting: str = ""
+) -> ReportedFigure:
+    return ReportedFigure("vision8", "ViT-L-14", method, name, figure, setting, source)
+
+
+_FB_CLIP = "FusionBench CLIP docs"
+_WUDI_ROW = "a baseline in the WUDI table"
+VISION8_L14 = (
+    _vision8_l14("pretrained", "Pre-trained", "64.6", _FB_CLIP),
+    _vision8_l14("experts", "Fine-tuned (STL)", "94.3", _FB_CLIP),
+    _vision8_l14("mtl", "Traditional MTL", "92.4", _FB_CLIP),
+    _vision8_l14("average", "Simple Averaging", "80.0", _FB_CLIP),
+    _vision8_l14("fisher", "Fisher Merging", "80.3", _FB_CLIP),
+    _vision8_l14("regmean", "RegMean", "90.4", _FB_CLIP),
+    _vision8_l14("regmean_pp", "RegMean++", "91.0", _FB_CLIP),
+    _vision8_l14("ta", "Task Arithmetic", "80.7", _FB_CLIP, "λ = 0.3 fixed"),
+    _vision8_l14("ties", "Ties-Merging", "84.0", _FB_CLIP, "λ = 0.3 fixed"),
+    _vision8_l14("adamerging", "Task-wise AdaMerging", "80.1", _FB_CLIP, "labelled λ = 0.3"),
+    _vision8_l14("adamerging_layer", "Layer-wise AdaMerging", "91.0", _FB_CLIP, "labelled λ = 0.3"),
+    _vision8_l14("ta", "Task Arithmetic", "84.5", "WUDI paper", _WUDI_ROW),
+    _vision8_l14("ties", "Ties-Merging", "86.0", "WUDI paper", _WUDI_ROW),
+    _vision8_l14("pcb", "PCB Merging", "87.5", "WUDI paper", _WUDI_ROW),
+    _vision8_l14("wudi", "WUDI-Merging", "92.6", "WUDI paper"),
+    _vision8_l14("cart", "CART", "92.6", "CART paper"),
+    _vision8_l14("emr", "EMR-Merging", "93.73", "EMR logs", "one model per task"),
+)
+
+
 FIGURES: tuple[ReportedFigure, ...] = (
     _vision8_b32("pretrained", "zero-shot", "48.2", "FusionBench"),
     _vision8_b32("experts", "individual experts", "90.3–90.5", "FusionBench; task_vectors"),
@@ -164,19 +196,21 @@ FIGURES: tuple[ReportedFigure, ...] = (
     ),
     _vision8_b32("pcb", "PCB Merging", "76.3", "WUDI paper", "a baseline in the WUDI table"),
     _vision8_b32("emr", "EMR-Merging", "88.74", "EMR logs", "one model per task"),
-    ReportedFigure("vision8", "ViT-L-14", "cart", "CART", "92.6", "", "CART paper"),
-    ReportedFigure(
-        "vision8",
-        "ViT-L-14",
-        "pcb",
-        "PCB Merging",
-        "87.5",
-        "a baseline in the WUDI table",
-        "WUDI paper",
+    _vision8_b32("ta", "Task Arithmetic", "69.1", "WUDI paper", "a baseline in the WUDI table"),
+    _vision8_b32("ties", "Ties-Merging", "72.4", "WUDI paper", "a baseline in the WUDI table"),
+    _vision8_b32("wudi", "WUDI-Merging", "84.5", "FusionBench CLIP docs"),
+    _vision8_b32("regmean_pp", "RegMean++", "84.4", "FusionBench CLIP docs"),
+    _vision8_b32(
+        "adamerging", "Task-wise AdaMerging", "68.7", "FusionBench CLIP docs", "labelled λ = 0.3"
     ),
-    ReportedFigure(
-        "vision8", "ViT-L-14", "emr", "EMR-Merging", "93.73", "one model per task", "EMR logs"
+    _vision8_b32(
+        "adamerging_layer",
+        "Layer-wise AdaMerging",
+        "82.6",
+        "FusionBench CLIP docs",
+        "labelled λ = 0.3",
     ),
+    *VISION8_L14,
     ReportedFigure(
         "vision14", "ViT-B-32", "cart", "CART", "79.5", "λ 1.5, rank 0.16", "CART paper"
     ),
