@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from atmbench.finetune import loader_workers
 from atmbench.metrics import Metric
-from atmbench.suite import TaskModel
+from atmbench.suite import Benchmark, TaskModel
 
 
 def _joined(parts: list) -> Sequence:
@@ -77,3 +77,14 @@ def evaluate(
 def score(model: TaskModel, dataset: Dataset, metrics: Sequence[Metric], **kwargs) -> float:
     """The first metric's score: the one the runner stores and the leaderboards rank."""
     return evaluate(model, dataset, metrics[:1], **kwargs)[metrics[0].name]
+
+
+def task_score(bench: Benchmark, model: TaskModel, task: str, split: str) -> float:
+    """The score stored for ``task`` on ``split``: the suite's own ``score`` when it has one
+    (the LLM suites run lm-evaluation-harness on the model), else :func:`score` on the
+    split's dataset with the task's first metric."""
+    own = getattr(bench, "score", None)
+    if own is not None:
+        return own(task, split, model)
+    workers = getattr(bench, "num_workers", 0)
+    return score(model, bench.dataset(task, split), bench.metrics(task), num_workers=workers)

@@ -103,8 +103,12 @@ def _imported(bench: Benchmark, source: str) -> Callable[[], dict[str, dict[str,
     return functools.cache(lambda: bench.import_experts(source))
 
 
-def cached_expert(home: Path, bench: Benchmark, task: str, seed: int) -> bool:
-    return EntryCache(Path(home) / "experts").lookup(expert_key(bench, task, seed)) is not None
+def cached_expert(
+    home: Path, bench: Benchmark, task: str, seed: int, source: str | None = None
+) -> bool:
+    """Whether the task's expert (fine-tuned, or imported from ``source``) is cached."""
+    key = expert_key(bench, task, seed, source)
+    return EntryCache(Path(home) / "experts").lookup(key) is not None
 
 
 def ensure_expert(

@@ -24,7 +24,7 @@ from atmbench import hparams as hp
 from atmbench import registry, statistics
 from atmbench.adapt import AdaptRequest
 from atmbench.cache import key_hash, load_entry
-from atmbench.evaluate import score
+from atmbench.evaluate import task_score
 from atmbench.experts import Experts, ensure_expert, ensure_experts
 from atmbench.finetune import TrainStats
 from atmbench.method import DATA_ACCESS, FloatingOnly, MergeMethod, combine
@@ -170,14 +170,13 @@ def _scores(
     """(task, split) -> the task's first metric, with one backbone built for all tasks
     (one per task for :class:`TaskStates`)."""
     shared = None if isinstance(state, TaskStates) else bench.backbone(dict(state))
-    workers = getattr(bench, "num_workers", 0)
     private = private or {}
     out = {}
     for t in tasks:
         backbone = shared if shared is not None else bench.backbone(state(t))
         model = bench.task_model(t, backbone, dict(private[t]) if private.get(t) else None)
         for s in splits:
-            out[t, s] = score(model, bench.dataset(t, s), bench.metrics(t), num_workers=workers)
+            out[t, s] = task_score(bench, model, t, s)
     return {(t, s): out[t, s] for s in splits for t in tasks}
 
 

@@ -130,6 +130,10 @@ class Benchmark(Protocol):
     def metrics(self, task: str) -> tuple[Metric, ...]:
         """The task's metrics; the first is the score stored and ranked."""
 
+    # Optional: ``score(task, split, model) -> float``, the score stored for ``task`` on
+    # ``split`` (percent, higher is better), for suites that score with their own tool
+    # (lm-evaluation-harness) instead of ``metrics`` on ``dataset``: see
+    # :func:`atmbench.evaluate.task_score`.
     # Optional: ``import_experts(source) -> {task: fine-tuned state dict}`` for suites whose
     # published experts can replace fine-tuning (``--experts SOURCE``); private parameters
     # ride along under ``PRIVATE``-prefixed keys.

@@ -26,13 +26,16 @@ class ExpertPlan:
     seed: int
     train: list[str]
     reuse: list[str]
+    source: str | None = None
+    """``--experts``: the missing ones are imported from it, not trained."""
 
     def line(self) -> str:
         train = ", ".join(self.train) or "-"
         reuse = ", ".join(self.reuse) or "-"
+        verb = f"import from {self.source}" if self.source else "train"
         return (
             f"experts  {self.model}  seed={self.seed}  "
-            f"train {len(self.train)}: {train}  |  reuse {len(self.reuse)}: {reuse}"
+            f"{verb} {len(self.train)}: {train}  |  reuse {len(self.reuse)}: {reuse}"
         )
 
 
@@ -52,13 +55,14 @@ def expert_plans(cells: Sequence[Cell], home: Path) -> list[ExpertPlan]:
             continue
         seen.add(group)
         suite, model, seed = group
+        source = cell.identity.get("experts")
         tasks = list(registry.get_suite(suite).tasks)
         if not root.directory({"suite": suite, "model": model}).parent.exists():
-            plans.append(ExpertPlan(suite, model, seed, tasks, []))
+            plans.append(ExpertPlan(suite, model, seed, tasks, [], source))
             continue
         ws = ws or Workspace(Path(home), torch.device("cpu"), progress=False)
         bench = ws.benchmark(suite, model)
-        cached = {t: cached_expert(home, bench, t, seed) for t in bench.tasks}
+        cached = {t: cached_expert(home, bench, t, seed, source) for t in bench.tasks}
         plans.append(
             ExpertPlan(
                 suite,
@@ -66,6 +70,7 @@ def expert_plans(cells: Sequence[Cell], home: Path) -> list[ExpertPlan]:
                 seed,
                 [t for t, hit in cached.items() if not hit],
                 [t for t, hit in cached.items() if hit],
+                source,
             )
         )
     return plans

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from atmbench.evaluate import score
+from atmbench.evaluate import task_score
 from atmbench.finetune import Recipe, TrainStats, finetune, state_on_cpu
 from atmbench.hookspecs import hookimpl
 from atmbench.hparams import HParam
@@ -148,13 +148,8 @@ def _scores(
     """split -> task -> score of ``state``: the trace's accuracy record."""
     backbone = bench.backbone(state)
     models = {t: bench.task_model(t, backbone, private.get(t) or None) for t in bench.tasks}
-    workers = getattr(bench, "num_workers", 0)
     return {
-        split: {
-            t: score(models[t], bench.dataset(t, split), bench.metrics(t), num_workers=workers)
-            for t in bench.tasks
-        }
-        for split in splits
+        split: {t: task_score(bench, models[t], t, split) for t in bench.tasks} for split in splits
     }
 
 
