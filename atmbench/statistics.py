@@ -36,15 +36,18 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING
 
 import torch
-from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, Subset
 
 from atmbench.seeds import derive
 from atmbench.suite import IGNORE, Benchmark, TaskModel
+
+if TYPE_CHECKING:  # open_clip and torchvision take seconds to import: only where Grams are
+    from open_clip.transformer import VisionTransformer
 
 Statistic = Callable[[Benchmark, TaskModel, str, int], dict[str, Tensor]]
 
@@ -189,6 +192,8 @@ def recording_grams(
     """Hooks on ``root``'s weights that record their input Grams while forwards run:
     ``(columns, rows)`` recorders for ``gram`` and ``gram_rows``, keyed ``prefix`` + the
     parameter's name in ``root``; read them with ``.grams()``."""
+    from open_clip.transformer import VisionTransformer
+
     columns, rows = _GramRecorder(), _GramRecorder()
     modules = dict(root.named_modules())
     attention = {n: m for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}

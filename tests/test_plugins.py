@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -228,3 +230,14 @@ def test_every_hookspec_has_a_test(name):
     tests = inspect.getsource(__import__(__name__))
     assert f"def test_{name}" in tests
     assert specs == {"register_methods", "register_refiners", "register_suites"}
+
+
+def test_loading_the_plugins_imports_no_backbone_library():
+    """``atmbench list`` and ``atmbench merge`` load every plugin: open_clip and torchvision
+    (seconds to import) must wait until a backbone or its Grams are needed."""
+    code = (
+        "import sys, atmbench; atmbench.methods(); atmbench.refiners(); "
+        "print(sorted({'open_clip', 'torchvision'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
