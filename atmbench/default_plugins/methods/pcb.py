@@ -44,6 +44,7 @@ Departures:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -104,9 +105,15 @@ def _balance(tau: Tensor, total: Tensor, low: Tensor, high: Tensor, tasks: int) 
     return intra * torch.tanh(tau * total)
 
 
-def _order_statistic(values: Tensor, index: int) -> Tensor:
-    """The ``index``-th smallest entry (0-based) of a flat tensor."""
-    return values.kthvalue(index + 1).values
+def _order_statistics(values: Tensor, indices: tuple[int, ...]) -> list[Tensor]:
+    """The ``indices``-th smallest entries (0-based) of a flat float32 tensor, exactly. On the
+    CPU by partitioning ``values`` in place (its order is lost): no copy of a model-sized
+    buffer, where ``kthvalue`` (used on other devices) copies its input."""
+    if values.device.type != "cpu":
+        return [values.kthvalue(i + 1).values.cpu() for i in indices]
+    array = values.numpy()
+    array.partition(indices)
+    return [torch.tensor(array[i]) for i in indices]
 
 
 def _sum(vectors: TaskVectors, key: str) -> Tensor:
@@ -116,26 +123,36 @@ def _sum(vectors: TaskVectors, key: str) -> Tensor:
 
 
 def prepare(vectors: TaskVectors, seed: int, ratio: float, clip: float, **_: object) -> PcbState:
+    """One model-sized float32 buffer besides Σ_s τ_s: each task's |τ_t|, then its β_t,
+    written parameter by parameter into it and partitioned in place for the order statistics
+    (β_t's elementwise terms are computed per parameter, as the merge computes them)."""
     keys = floating_keys(vectors)
     tasks = len(vectors.tasks)
     total = {k: _sum(vectors, k) for k in keys}
     stats = {name: torch.zeros(tasks) for name in ("low", "high", "floor", "top")}
+    d = sum(t.numel() for t in total.values())
+    if d == 0:
+        return PcbState(**stats)
+    buffer = torch.empty(d, device=next(iter(total.values())).device)
     for i, task in enumerate(vectors.tasks):
-        flat = torch.cat([vectors.get(task, k).float().reshape(-1) for k in keys])
-        d = flat.numel()
-        if d == 0:
-            break
-        magnitude = flat.abs()
-        low = _order_statistic(magnitude, int(d * clip))
-        high = _order_statistic(magnitude, int(d * (1 - clip) - 1))
-        del magnitude
-        sums = torch.cat([total[k].reshape(-1) for k in keys])
-        beta = _balance(flat, sums, low, high, tasks)
-        del flat, sums
+        for key, part in _slices(buffer, total):
+            torch.abs(vectors.get(task, key).float().reshape(-1), out=part)
+        low, high = _order_statistics(buffer, (int(d * clip), int(d * (1 - clip) - 1)))
+        for key, part in _slices(buffer, total):
+            tau = vectors.get(task, key).float().reshape(-1)
+            part.copy_(_balance(tau, total[key].reshape(-1), low, high, tasks))
         stats["low"][i], stats["high"][i] = low, high
-        stats["floor"][i] = _order_statistic(beta, min(int(d * (1 - ratio)), d - 1))
-        stats["top"][i] = beta.max()
+        stats["top"][i] = buffer.max()
+        (stats["floor"][i],) = _order_statistics(buffer, (min(int(d * (1 - ratio)), d - 1),))
     return PcbState(**stats)
+
+
+def _slices(buffer: Tensor, shapes: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """(key, the key's flat slice of ``buffer``), in the order of ``shapes``."""
+    start = 0
+    for key, tensor in shapes.items():
+        yield key, buffer[start : start + tensor.numel()]
+        start += tensor.numel()
 
 
 def pcb(
