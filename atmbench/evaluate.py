@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -79,12 +79,23 @@ def score(model: TaskModel, dataset: Dataset, metrics: Sequence[Metric], **kwarg
     return evaluate(model, dataset, metrics[:1], **kwargs)[metrics[0].name]
 
 
-def task_score(bench: Benchmark, model: TaskModel, task: str, split: str) -> float:
-    """The score stored for ``task`` on ``split``: the suite's own ``score`` when it has one
-    (the LLM suites run lm-evaluation-harness on the model), else :func:`score` on the
-    split's dataset with the task's first metric."""
+def task_scores(
+    bench: Benchmark, model: TaskModel, task: str, split: str, every: bool = True
+) -> dict[str, float]:
+    """metric -> score of ``model`` on the task's split, every metric the task declares in
+    its order (the first is the one stored as accuracy and ranked; with ``every`` false it
+    alone is computed). A suite with its own ``score`` (the LLM suites run
+    lm-evaluation-harness on the model) gives the scores instead: a mapping, or one number,
+    stored as ``score``."""
     own = getattr(bench, "score", None)
     if own is not None:
-        return own(task, split, model)
+        value = own(task, split, model)
+        return dict(value) if isinstance(value, Mapping) else {"score": value}
+    metrics = bench.metrics(task) if every else bench.metrics(task)[:1]
     workers = getattr(bench, "num_workers", 0)
-    return score(model, bench.dataset(task, split), bench.metrics(task), num_workers=workers)
+    return evaluate(model, bench.dataset(task, split), metrics, num_workers=workers)
+
+
+def task_score(bench: Benchmark, model: TaskModel, task: str, split: str) -> float:
+    """The score stored for ``task`` on ``split`` and ranked: the first of :func:`task_scores`."""
+    return next(iter(task_scores(bench, model, task, split, every=False).values()))

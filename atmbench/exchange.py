@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from atmbench.cache import key_hash
-from atmbench.store import CELL_COLUMNS, ResultStore
+from atmbench.store import CELL_COLUMNS, ResultStore, encode_scores
 
 EXPORT_KIND = "atmbench-cells"
 EXPORT_VERSION = 1
@@ -59,12 +59,11 @@ def read_store(path: Path, suite: str | None = None) -> list[dict[str, Any]]:
             query, params = query + " AND suite = ?", [suite]
         cells = [_decode(dict(row)) for row in con.execute(query + " ORDER BY created_at", params)]
         results: dict[str, list[dict[str, Any]]] = {}
-        for row in con.execute(
-            "SELECT cell_key, task, split, accuracy FROM results ORDER BY rowid"
-        ):
-            results.setdefault(row["cell_key"], []).append(
-                {"task": row["task"], "split": row["split"], "accuracy": row["accuracy"]}
-            )
+        for row in con.execute("SELECT * FROM results ORDER BY rowid"):
+            result = {"task": row["task"], "split": row["split"], "accuracy": row["accuracy"]}
+            if "scores" in row.keys() and row["scores"] is not None:  # older stores lack it
+                result["scores"] = json.loads(row["scores"])
+            results.setdefault(row["cell_key"], []).append(result)
     except sqlite3.DatabaseError as exc:
         raise SubmissionError(f"{path}: not an atmbench result store ({exc})") from None
     finally:
@@ -142,8 +141,18 @@ def merge(store: ResultStore, path: Path) -> MergeReport:
                     list(values.values()),
                 )
                 con.executemany(
-                    "INSERT INTO results VALUES (?,?,?,?)",
-                    [(key, r["task"], r["split"], float(r["accuracy"])) for r in cell["results"]],
+                    "INSERT INTO results (cell_key, task, split, accuracy, scores) "
+                    "VALUES (?,?,?,?,?)",
+                    [
+                        (
+                            key,
+                            r["task"],
+                            r["split"],
+                            float(r["accuracy"]),
+                            encode_scores(r.get("scores")),
+                        )
+                        for r in cell["results"]
+                    ],
                 )
                 added += 1
     finally:

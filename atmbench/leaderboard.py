@@ -132,6 +132,36 @@ def chosen_hparams(frame: pd.DataFrame) -> pd.Series:
     return pd.Series(out).reindex(methods).fillna("")
 
 
+def other_scores(frame: pd.DataFrame) -> pd.DataFrame:
+    """Long rows (method, seed, task, metric, value) of every metric after each task's first
+    one, read from the store's ``scores``: empty for a suite whose tasks declare one metric,
+    and for rows stored before every metric was (their ``scores`` is NULL)."""
+    rows = []
+    if "scores" in frame:
+        for method, seed, task, text in frame[["method", "seed", "task", "scores"]].itertuples(
+            index=False
+        ):
+            if isinstance(text, str):
+                extra = list(json.loads(text).items())[1:]
+                rows += [(method, seed, task, name, value) for name, value in extra]
+    return pd.DataFrame(rows, columns=["method", "seed", "task", "metric", "value"])
+
+
+def metric_tables(
+    frame: pd.DataFrame, order: list[str], tasks: list[str]
+) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
+    """metric -> (mean, std over seeds) of the metrics after the first, in ``order``'s rows;
+    columns: the tasks that declare the metric and their ``avg``."""
+    tables = {}
+    for name, group in other_scores(frame).groupby("metric", sort=False):
+        wide = group.pivot_table(index=["method", "seed"], columns="task", values="value")
+        wide = wide[[t for t in tasks if t in wide.columns]]
+        wide[AVG] = wide.mean(axis=1)
+        grouped = wide.groupby(level="method")
+        tables[name] = (grouped.mean().reindex(order), grouped.std(ddof=1).reindex(order))
+    return tables
+
+
 def filter_data(frame: pd.DataFrame, levels: Sequence[str]) -> pd.DataFrame:
     """Keep the methods whose data access is in ``levels``, and always the reference rows.
 
@@ -165,6 +195,7 @@ def table(frame: pd.DataFrame, tasks: list[str] | None = None) -> pd.DataFrame:
         kind=model_kind(frame).reindex(order),
         compute=compute_ratio(frame).reindex(order),
         hparams=chosen_hparams(frame).reindex(order).fillna(""),
+        metrics=metric_tables(frame, order, tasks),
     )
     return mean
 
@@ -191,32 +222,39 @@ def _cells(summary: pd.DataFrame, pm: str = "±") -> list[tuple[str, list[tuple[
     The best merged value per column is bold; the reference rows (pretrained, experts, mtl)
     never are: they bound, they don't compete.
     """
-    std = summary.attrs.get("std", summary * np.nan)
     seeds = summary.attrs.get("seeds", pd.Series(dtype=float))
     data = summary.attrs.get("data", pd.Series(dtype=object))
     kind = summary.attrs.get("kind", pd.Series(dtype=object))
     compute = summary.attrs.get("compute", pd.Series(dtype=float))
-    competing = [m for m in summary.index if m not in REFERENCES]
-    best = summary.loc[competing].max() if competing else summary.max() * np.nan
+    values = _values(summary, summary.attrs.get("std", summary * np.nan), pm)
     rows = []
-    for method in summary.index:
-        values = [
-            _fmt(
-                summary.at[method, col],
-                std.at[method, col],
-                method in competing and summary.at[method, col] == best[col],
-                pm,
-            )
-            for col in summary.columns
-        ]
+    for method, cells in zip(summary.index, values, strict=True):
         extra = [
             (str(data.get(method, "–")), False),
             (str(kind.get(method, "one")), False),
             (format_compute(float(compute.get(method, np.nan))), False),
             (str(seeds.get(method, "–")), False),
         ]
-        rows.append((method, values + extra))
+        rows.append((method, cells + extra))
     return rows
+
+
+def _values(mean: pd.DataFrame, std: pd.DataFrame, pm: str = "±") -> list[list[tuple[str, bool]]]:
+    """[(text, bold)] per column of each row: ``mean ± std``, the best merged value bold."""
+    competing = [m for m in mean.index if m not in REFERENCES]
+    best = mean.loc[competing].max() if competing else mean.max() * np.nan
+    return [
+        [
+            _fmt(
+                mean.at[method, col],
+                std.at[method, col],
+                method in competing and mean.at[method, col] == best[col],
+                pm,
+            )
+            for col in mean.columns
+        ]
+        for method in mean.index
+    ]
 
 
 def headers(summary: pd.DataFrame) -> list[str]:
@@ -255,6 +293,26 @@ def render_markdown(summary: pd.DataFrame) -> str:
         disable_numparse=True,
         colalign=("left", *["right"] * len(summary.columns), "left", "left", "right", "right"),
     )
+
+
+def metrics_markdown(summary: pd.DataFrame) -> list[str]:
+    """One section per metric after the tasks' first (``char_accuracy``, CoLA's accuracy):
+    its table per task and averaged, rows in the main table's order."""
+    sections = []
+    for name, (mean, std) in summary.attrs.get("metrics", {}).items():
+        rows = [
+            [method, *(f"**{text}**" if bold else text for text, bold in cells)]
+            for method, cells in zip(mean.index, _values(mean, std), strict=True)
+        ]
+        table_text = tabulate(
+            rows,
+            headers=["method", *mean.columns],
+            tablefmt="pipe",
+            disable_numparse=True,
+            colalign=("left", *["right"] * len(mean.columns)),
+        )
+        sections.append(f"### test {name.replace('_', ' ')}, %\n\n{table_text}")
+    return sections
 
 
 # --- provenance ---------------------------------------------------------------------------
@@ -399,6 +457,7 @@ def markdown_document(b: Board, images: Sequence[tuple[str, str]] = (), extra: s
         "model per task: needs the task id at inference); `compute` = optimizer steps / "
         "fine-tuning the experts.",
         *([hparams_markdown(b.summary)] if hparams_lines(b.summary) else []),
+        *metrics_markdown(b.summary),
         *(f"![{alt}]({name})" for alt, name in images),
         "### Provenance\n\n"
         + "\n".join(f"- {label}: `{value}`" for label, value in provenance_lines(b.provenance)),
@@ -429,6 +488,10 @@ def render_csv(b: Board) -> str:
     out["compute"] = s.attrs["compute"].round(4)
     out["seeds"] = s.attrs["seeds"]
     out["hparams"] = _hparams(s)
+    for name, (mean, std) in s.attrs.get("metrics", {}).items():
+        for col in mean.columns:
+            out[f"{name} {col}"] = mean[col].round(4)
+            out[f"{name} {col} std"] = std[col].round(4)
     buffer = io.StringIO()
     out.rename_axis("method").to_csv(buffer, lineterminator="\n")
     return _comment_block(b, "#") + buffer.getvalue()
@@ -454,6 +517,16 @@ def json_document(b: Board, reported: Sequence[dict[str, Any]] = ()) -> dict[str
         }
         for method in s.index
     ]
+    metrics = s.attrs.get("metrics", {})
+    for row in rows:  # only where a task declares more than one metric
+        if metrics:
+            row["metrics"] = {
+                name: {
+                    "mean": {col: _number(mean.at[row["method"], col]) for col in mean.columns},
+                    "std": {col: _number(std.at[row["method"], col]) for col in std.columns},
+                }
+                for name, (mean, std) in metrics.items()
+            }
     doc = {
         "kind": JSON_KIND,
         "suite": b.suite,
@@ -464,6 +537,8 @@ def json_document(b: Board, reported: Sequence[dict[str, Any]] = ()) -> dict[str
         "rows": rows,
         "provenance": asdict(b.provenance),
     }
+    if metrics:
+        doc["other_metrics"] = [f"test {name.replace('_', ' ')} (%)" for name in metrics]
     if reported:
         doc["reported_not_measured"] = list(reported)
     return doc

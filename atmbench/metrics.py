@@ -1,8 +1,8 @@
 """Task metrics: predictions and references in, a score in percent out.
 
-Accuracy for classification, Matthews correlation for CoLA, Spearman correlation for
-STS-B (GLUE's own choices), exact match of generated answers for text-to-text tasks, and
-character accuracy as their partial-credit companion.
+Accuracy for classification, Matthews correlation for CoLA, Spearman and Pearson
+correlation for STS-B (GLUE's own choices), exact match of generated answers for
+text-to-text tasks, and character accuracy as their partial-credit companion.
 """
 
 from __future__ import annotations
@@ -64,11 +64,16 @@ def _ranks(x: Tensor) -> Tensor:
     return (sums / counts)[inverse]
 
 
-def _spearman(predictions: Sequence, references: Sequence) -> float:
-    a, b = _ranks(_tensor(predictions)), _ranks(_tensor(references))
+def _pearson(predictions: Sequence, references: Sequence) -> float:
+    a, b = _tensor(predictions).double(), _tensor(references).double()
     a, b = a - a.mean(), b - b.mean()
     denominator = (a.square().sum() * b.square().sum()).sqrt()
     return 0.0 if denominator == 0 else float(100.0 * (a * b).sum() / denominator)
+
+
+def _spearman(predictions: Sequence, references: Sequence) -> float:
+    """Pearson correlation of the ranks."""
+    return _pearson(_ranks(_tensor(predictions)), _ranks(_tensor(references)))
 
 
 def _exact_match(predictions: Sequence, references: Sequence) -> float:
@@ -96,5 +101,6 @@ def _char_accuracy(predictions: Sequence, references: Sequence) -> float:
 ACCURACY = Metric("accuracy", _accuracy)
 MATTHEWS = Metric("matthews", _matthews)
 SPEARMAN = Metric("spearman", _spearman)
+PEARSON = Metric("pearson", _pearson)
 EXACT_MATCH = Metric("exact_match", _exact_match)
 CHAR_ACCURACY = Metric("char_accuracy", _char_accuracy)

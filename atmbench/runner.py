@@ -24,7 +24,7 @@ from atmbench import hparams as hp
 from atmbench import registry, statistics
 from atmbench.adapt import AdaptRequest
 from atmbench.cache import key_hash, load_entry
-from atmbench.evaluate import task_score
+from atmbench.evaluate import task_scores
 from atmbench.experts import Experts, ensure_expert, ensure_experts
 from atmbench.finetune import TrainStats
 from atmbench.method import DATA_ACCESS, FloatingOnly, MergeMethod, combine
@@ -160,15 +160,20 @@ State = Mapping[str, Tensor] | TaskStates
 """A merged model, or one per task."""
 
 
+Scores = dict[tuple[str, str], dict[str, float]]
+"""(task, split) -> metric -> score in percent, in the order the task declares its metrics."""
+
+
 def _scores(
     bench: Benchmark,
     state: State,
     splits: Iterable[str],
     tasks: Iterable[str],
     private: Private | None = None,
-) -> dict[tuple[str, str], float]:
-    """(task, split) -> the task's first metric, with one backbone built for all tasks
-    (one per task for :class:`TaskStates`)."""
+    every: bool = False,
+) -> Scores:
+    """(task, split) -> the task's first metric (``every``: all its metrics, from the same
+    predictions), with one backbone built for all tasks (one per task for :class:`TaskStates`)."""
     shared = None if isinstance(state, TaskStates) else bench.backbone(dict(state))
     private = private or {}
     out = {}
@@ -176,8 +181,13 @@ def _scores(
         backbone = shared if shared is not None else bench.backbone(state(t))
         model = bench.task_model(t, backbone, dict(private[t]) if private.get(t) else None)
         for s in splits:
-            out[t, s] = task_score(bench, model, t, s)
+            out[t, s] = task_scores(bench, model, t, s, every)
     return {(t, s): out[t, s] for s in splits for t in tasks}
+
+
+def first(scores: Scores) -> dict[tuple[str, str], float]:
+    """(task, split) -> the first metric's score: the one stored as accuracy and ranked."""
+    return {key: next(iter(values.values())) for key, values in scores.items()}
 
 
 def evaluate_state(
@@ -187,8 +197,8 @@ def evaluate_state(
     tasks: Iterable[str] | None = None,
     private: Private | None = None,
 ) -> dict[str, float]:
-    """task -> score of ``state`` on one split."""
-    scores = _scores(bench, state, (split,), tuple(tasks or bench.tasks), private)
+    """task -> first-metric score of ``state`` on one split (what selection compares)."""
+    scores = first(_scores(bench, state, (split,), tuple(tasks or bench.tasks), private))
     return {t: a for (t, _), a in scores.items()}
 
 
@@ -197,16 +207,16 @@ def evaluate_splits(
     state: State,
     tasks: Iterable[str] | None = None,
     private: Private | None = None,
-) -> dict[tuple[str, str], float]:
-    """(task, split) -> score on validation and test, with one backbone built."""
-    return _scores(bench, state, ("val", "test"), tuple(tasks or bench.tasks), private)
+) -> Scores:
+    """(task, split) -> every metric on validation and test, with one backbone built."""
+    return _scores(bench, state, ("val", "test"), tuple(tasks or bench.tasks), private, True)
 
 
 @dataclass
 class Outcome:
     """What executing a cell produced, before it becomes a stored record."""
 
-    accuracies: dict[tuple[str, str], float]
+    scores: Scores
     hparams: dict[str, Any]
     data_access: str
     stats: TrainStats
@@ -492,7 +502,8 @@ def execute(cell: Cell | ExpertJob, ws: Workspace) -> CellRecord:
         record.error = f"{type(exc).__name__}: {exc}"
         record.trace = [{"traceback": traceback.format_exc()}]
     if outcome is not None:
-        record.accuracies = outcome.accuracies
+        record.accuracies = first(outcome.scores)
+        record.scores = outcome.scores
         record.hparams = outcome.hparams
         record.data_access = outcome.data_access
         record.steps, record.examples = outcome.stats.steps, outcome.stats.examples

@@ -1,8 +1,10 @@
 """The SQLite result store: the single source of truth for every table and plot.
 
 ``cells`` holds one row per cell (config, status, compute, provenance, trace) and
-``results`` one row per (cell, task, split); the ``rows`` view joins them into the
-one-row-per-(cell, task) shape that the leaderboard reads. A cell's rows are written in
+``results`` one row per (cell, task, split): ``accuracy`` is the task's first metric (the
+one tables rank), ``scores`` every metric the task declares, as a JSON object in the
+task's order (NULL in rows written before it existed). The ``rows`` view joins them into
+the one-row-per-(cell, task) shape that the leaderboard reads. A cell's rows are written in
 one transaction, so a killed run never leaves half a cell behind.
 """
 
@@ -48,6 +50,7 @@ CREATE TABLE IF NOT EXISTS results (
     task TEXT NOT NULL,
     split TEXT NOT NULL,
     accuracy REAL NOT NULL,
+    scores TEXT,
     PRIMARY KEY (cell_key, task, split)
 );
 """
@@ -55,7 +58,7 @@ VIEW = """
 DROP VIEW IF EXISTS rows;
 CREATE VIEW rows AS
     SELECT c.cell_key, c.suite, c.model, c.method, c.seed, r.task, r.split, r.accuracy,
-           r.rowid AS position,
+           r.scores, r.rowid AS position,
            c.data_access, c.hparams, c.config, c.steps, c.examples, c.merge_time_s,
            c.wall_time_s, c.peak_mem_mb, c.device, c.versions, c.git_commit, c.created_at,
            c.task_storage_bytes
@@ -74,7 +77,10 @@ class CellRecord:
     seed: int
     config: Mapping[str, Any]
     accuracies: Mapping[tuple[str, str], float] = field(default_factory=dict)
-    """(task, split) -> accuracy in percent."""
+    """(task, split) -> the task's first metric, in percent (the score tables rank)."""
+    scores: Mapping[tuple[str, str], Mapping[str, float]] = field(default_factory=dict)
+    """(task, split) -> metric -> score in percent: every metric the task declares, the
+    first one equal to ``accuracies``' (empty: only that one is known)."""
     status: str = "ok"
     error: str | None = None
     data_access: str | None = None
@@ -120,6 +126,11 @@ def _cell_columns(record: CellRecord) -> dict[str, Any]:
     }
 
 
+def encode_scores(scores: Mapping[str, float] | None) -> str | None:
+    """A ``scores`` value as stored: JSON in the task's metric order (None stays NULL)."""
+    return None if scores is None else json.dumps({k: float(v) for k, v in scores.items()})
+
+
 class ResultStore:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -130,6 +141,8 @@ class ResultStore:
             for name, kind in CELL_COLUMNS.items():
                 if name not in have:  # a store written by an older version: add as NULLs
                     con.execute(f"ALTER TABLE cells ADD COLUMN {name} {kind.split()[0]}")
+            if "scores" not in {row[1] for row in con.execute("PRAGMA table_info(results)")}:
+                con.execute("ALTER TABLE results ADD COLUMN scores TEXT")
             con.executescript(VIEW)
 
     def _connect(self) -> sqlite3.Connection:
@@ -159,8 +172,12 @@ class ResultStore:
                     list(columns.values()),
                 )
                 con.executemany(
-                    "INSERT INTO results VALUES (?,?,?,?)",
-                    [(record.cell_key, t, s, float(a)) for (t, s), a in record.accuracies.items()],
+                    "INSERT INTO results (cell_key, task, split, accuracy, scores) "
+                    "VALUES (?,?,?,?,?)",
+                    [
+                        (record.cell_key, t, s, float(a), encode_scores(record.scores.get((t, s))))
+                        for (t, s), a in record.accuracies.items()
+                    ],
                 )
         finally:
             con.close()

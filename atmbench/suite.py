@@ -12,7 +12,7 @@ A :class:`Suite` is the registered, cheap description; ``Suite.load`` builds a
   model that never change;
 * the **training loss** (``TaskModel.loss``) that fine-tuning, ``mtl``, ATM and the
   Fisher/RegMean statistics use;
-* the task's **metrics** (``metrics(task)``; the first is the one stored and ranked).
+* the task's **metrics** (``metrics(task)``; all are stored, the first is ranked).
 
 The runner, fine-tuning, ATM, ``mtl``, the statistics and the leaderboards see suites
 through this contract only.
@@ -128,12 +128,12 @@ class Benchmark(Protocol):
         """How an expert for ``task`` is fine-tuned."""
 
     def metrics(self, task: str) -> tuple[Metric, ...]:
-        """The task's metrics; the first is the score stored and ranked."""
+        """The task's metrics; all are stored, the first is the score tables rank."""
 
     # Optional: ``score(task, split, model) -> float``, the score stored for ``task`` on
     # ``split`` (percent, higher is better), for suites that score with their own tool
-    # (lm-evaluation-harness) instead of ``metrics`` on ``dataset``: see
-    # :func:`atmbench.evaluate.task_score`.
+    # (lm-evaluation-harness) instead of ``metrics`` on ``dataset``; or a mapping
+    # metric -> score, all stored, the first ranked: see :func:`atmbench.evaluate.task_scores`.
     # Optional: ``import_experts(source) -> {task: fine-tuned state dict}`` for suites whose
     # published experts can replace fine-tuning (``--experts SOURCE``); private parameters
     # ride along under ``PRIVATE``-prefixed keys.

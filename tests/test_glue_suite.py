@@ -12,6 +12,7 @@ the real code.
 from __future__ import annotations
 
 import functools
+import json
 import random
 
 import pytest
@@ -30,6 +31,7 @@ from atmbench.default_plugins.suites.glue import models as m  # noqa: E402
 from atmbench.default_plugins.suites.glue.benchmark import GlueBenchmark  # noqa: E402
 from atmbench.default_plugins.suites.glue.experts import load_experts, repositories  # noqa: E402
 from atmbench.default_plugins.suites.glue.tasks import SUITES, TASKS  # noqa: E402
+from atmbench.evaluate import evaluate  # noqa: E402
 from atmbench.finetune import Recipe, _lr_lambda  # noqa: E402
 from atmbench.hookspecs import hookimpl  # noqa: E402
 from atmbench.store import ResultStore  # noqa: E402
@@ -213,18 +215,31 @@ def test_tasks_are_fusionbench_glue():
 
 
 def test_text_to_text_metrics():
-    cola = m.metric(TASKS["cola"], "t5")
+    cola, cola_accuracy = m.metrics(TASKS["cola"], "t5")
     words = ["acceptable", "unacceptable", "acceptable", "maybe"]
     gold = ["acceptable", "unacceptable", "unacceptable", "acceptable"]
     # MCC over label indices; an answer that is no label word is a class of its own
     expected = m.MATTHEWS(torch.tensor([1, 0, 1, 2]), torch.tensor([1, 0, 0, 1]))
     assert cola.name == "matthews" and cola(words, gold) == pytest.approx(expected)
-    stsb = m.metric(TASKS["stsb"], "t5")
+    # CoLA's second metric: accuracy, what FusionBench reports (2 of 4 right)
+    assert cola_accuracy.name == "accuracy" and cola_accuracy(words, gold) == 50.0
+    stsb, pearson = m.metrics(TASKS["stsb"], "t5")
     # a generation that is no number scores 0.0, as FusionBench parses it
     assert stsb(["4.0", "x", "1.0"], ["3.8", "0.2", "1.0"]) == pytest.approx(100.0)
-    assert m.metric(TASKS["sst2"], "t5")(["positive", "negative"], ["positive", "positive"]) == 50
-    assert m.metric(TASKS["cola"], "roberta").name == "matthews"
-    assert m.metric(TASKS["qqp"], "gpt2").name == "accuracy"
+    # Pearson on (2, 0, 1) vs (3, 0, 3): deviations (1, -1, 0) and (1, -2, 1),
+    # r = (1 + 2 + 0) / sqrt(2 * 6)
+    assert pearson.name == "pearson"
+    assert pearson(["2.0", "x", "1.0"], ["3.0", "0.0", "3.0"]) == pytest.approx(100 * 3 / 12**0.5)
+    sst2 = m.metrics(TASKS["sst2"], "t5")
+    assert [s.name for s in sst2] == ["exact_match"]
+    assert sst2[0](["positive", "negative"], ["positive", "positive"]) == 50
+    names = {t: [s.name for s in m.metrics(TASKS[t], "roberta")] for t in ("cola", "stsb", "qqp")}
+    assert names == {
+        "cola": ["matthews", "accuracy"],
+        "stsb": ["spearman", "pearson"],
+        "qqp": ["accuracy"],
+    }
+    assert [s.name for s in m.metrics(TASKS["qqp"], "gpt2")] == ["accuracy"]
 
 
 def test_model_names():
@@ -346,8 +361,18 @@ def test_fine_tune_merge_evaluate_through_the_runner(
         for k, v in b.base_state().items()
     }
     expected = runner.evaluate_state(b, merged, "test", private=private)
-    ta = rows[rows.method == "ta:lam=0.5"].set_index("task").accuracy.to_dict()
-    assert ta == pytest.approx(expected)
+    ta = rows[rows.method == "ta:lam=0.5"].set_index("task")
+    assert ta.accuracy.to_dict() == pytest.approx(expected)
+    # every declared metric is stored too (CoLA: MCC then accuracy; STS-B: Spearman, Pearson)
+    for task in tasks:
+        model = b.task_model(task, b.backbone(merged), private[task] or None)
+        declared = evaluate(model, b.dataset(task, "test"), b.metrics(task))
+        stored = json.loads(ta.scores[task])
+        assert list(stored) == [metric.name for metric in b.metrics(task)]
+        assert stored == pytest.approx(declared)
+        assert next(iter(stored.values())) == pytest.approx(ta.accuracy[task])
+    counts = {"t5": [2, 2], "roberta": [1, 2], "gpt2": [1, 1]}[family]  # cola/stsb declare 2
+    assert [len(json.loads(t)) for t in ta.scores] == counts
     assert set(rows.method) >= {"pretrained", "experts", "ta:lam=0.5"}
     if family == "roberta":  # the multi-task model trains STS-B under its regression loss
         assert len(rows[rows.method == "mtl"]) == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scipy.stats import spearmanr
+from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import matthews_corrcoef
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 from atmbench import runner
 from atmbench.finetune import Recipe, state_on_cpu
 from atmbench.hookspecs import hookimpl
-from atmbench.metrics import ACCURACY, CHAR_ACCURACY, EXACT_MATCH, MATTHEWS, SPEARMAN
+from atmbench.metrics import ACCURACY, CHAR_ACCURACY, EXACT_MATCH, MATTHEWS, PEARSON, SPEARMAN
 from atmbench.store import ResultStore
 from atmbench.suite import PRIVATE, Suite, TaskModel
 
@@ -29,6 +29,8 @@ def test_metrics_match_scikit_learn_and_scipy():
     scores = torch.rand(100, generator=g).round(decimals=1)  # ties
     gold = scores + 0.3 * torch.rand(100, generator=g)
     assert SPEARMAN(scores, gold) == pytest.approx(100 * spearmanr(scores, gold).statistic)
+    assert PEARSON(scores, gold) == pytest.approx(100 * pearsonr(scores, gold).statistic)
+    assert PEARSON(torch.ones(3), gold[:3]) == 0.0  # undefined: 0
     assert ACCURACY(torch.tensor([1, 2, 3]), torch.tensor([1, 0, 3])) == pytest.approx(200 / 3)
     assert EXACT_MATCH(["ab ", "c", "d"], ["ab", "c", "e"]) == pytest.approx(200 / 3)
     # per answer: 3 of 4 right; 2 of 3 (one missing); 3 of 4 (one extra); 1 (both empty)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from atmbench import leaderboard, runner, statistics
 from atmbench.default_plugins.suites import text8
 from atmbench.evaluate import evaluate
 from atmbench.generative import encode_example
+from atmbench.metrics import CHAR_ACCURACY
 from atmbench.store import ResultStore
 from atmbench.suite import IGNORE
 
@@ -135,16 +138,26 @@ def test_runner_merges_tunes_and_scores_text8(bench, tmp_path):
     assert rows.accuracy.between(0, 100).all()
     # scores are exact-match percentages of 200 test prompts
     assert all(abs(a * 2 - round(a * 2)) < 1e-9 for a in rows.accuracy)
-    merged = runner.evaluate_state(
-        bench,
-        {
-            k: v + 0.3 * ws.experts(bench, 0).vectors().stacked(k).sum(0)
-            for k, v in bench.base_state().items()
-        },
-        "test",
-    )
-    ta = rows[rows.method == "ta:lam=0.3"].set_index("task").accuracy.to_dict()
-    assert ta == pytest.approx(merged)
+    state = {
+        k: v + 0.3 * ws.experts(bench, 0).vectors().stacked(k).sum(0)
+        for k, v in bench.base_state().items()
+    }
+    merged = runner.evaluate_state(bench, state, "test")
+    ta = rows[rows.method == "ta:lam=0.3"].set_index("task")
+    assert ta.accuracy.to_dict() == pytest.approx(merged)
+    # both declared metrics are stored, exact match first (= accuracy), in the task's order
+    stored = {task: json.loads(text) for task, text in ta.scores.items()}
+    model = bench.task_model("sort", bench.backbone(state))
+    chars = evaluate(model, bench.dataset("sort", "test"), [CHAR_ACCURACY])["char_accuracy"]
+    assert stored["sort"]["char_accuracy"] == pytest.approx(chars)
+    for task, scores in stored.items():
+        assert list(scores) == ["exact_match", "char_accuracy"]
+        assert scores["exact_match"] == pytest.approx(merged[task])
+        assert scores["exact_match"] <= scores["char_accuracy"] <= 100.0
+    assert all(list(json.loads(t)) == ["exact_match", "char_accuracy"] for t in rows.scores)
+    assert leaderboard.json_document(leaderboard.board(rows, "x"))["other_metrics"] == [
+        "test char accuracy (%)"
+    ]
     # the tables name the suite's metric
     table = leaderboard.board(rows, "atmbench leaderboard")
     assert table.title == "text8 / llama-micro  (test exact match, %)"

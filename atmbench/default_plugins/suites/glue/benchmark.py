@@ -110,7 +110,7 @@ class GlueBenchmark:
         return self._recipes.get(task, m.RECIPE)
 
     def metrics(self, task: str) -> tuple[Metric, ...]:
-        return (m.metric(TASKS[task], self.spec.family),)
+        return m.metrics(TASKS[task], self.spec.family)
 
     def import_experts(self, source: str) -> dict[str, dict[str, Tensor]]:
         """Published fine-tuned models per task (see :mod:`.experts`)."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from atmbench.default_plugins.suites.glue.tasks import GlueTask
 from atmbench.finetune import Recipe, state_on_cpu
-from atmbench.metrics import ACCURACY, EXACT_MATCH, MATTHEWS, SPEARMAN, Metric
+from atmbench.metrics import ACCURACY, EXACT_MATCH, MATTHEWS, PEARSON, SPEARMAN, Metric
 from atmbench.suite import IGNORE, Batch, SuiteDataError, TaskModel
 
 RECIPE = Recipe(
@@ -272,13 +272,23 @@ def _indices(words: Sequence[str]) -> Any:
     return convert
 
 
-def metric(spec: GlueTask, family: str) -> Metric:
-    """The task's metric on what the family's ``predict`` returns (text or tensors)."""
-    if family != "t5":
-        return {"matthews": MATTHEWS, "spearman": SPEARMAN}.get(spec.metric, ACCURACY)
+def metrics(spec: GlueTask, family: str) -> tuple[Metric, ...]:
+    """The task's metrics on what the family's ``predict`` returns (text or tensors).
+
+    The first is GLUE's (ranked); CoLA adds accuracy (what FusionBench reports for it) and
+    STS-B Pearson correlation (GLUE reports both correlations)."""
+    convert = None  # classifiers' tensors already are classes or scores
+    if family == "t5":
+        convert = _floats if spec.regression else _indices(spec.words)
     if spec.regression:
-        return Metric("spearman", lambda p, r: SPEARMAN(_floats(p), _floats(r)))
+        return (_on(SPEARMAN, convert), _on(PEARSON, convert))
     if spec.metric == "matthews":
-        index = _indices(spec.words)
-        return Metric("matthews", lambda p, r: MATTHEWS(index(p), index(r)))
-    return EXACT_MATCH
+        return (_on(MATTHEWS, convert), _on(ACCURACY, convert))
+    return (EXACT_MATCH,) if family == "t5" else (ACCURACY,)
+
+
+def _on(metric: Metric, convert: Callable[[Sequence], Any] | None) -> Metric:
+    """``metric`` on converted predictions and references, under its own name."""
+    if convert is None:
+        return metric
+    return Metric(metric.name, lambda p, r: metric(convert(p), convert(r)))
