@@ -9,38 +9,16 @@ from __future__ import annotations
 import math
 import multiprocessing
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-if TYPE_CHECKING:
-    from atmbench.suite import TaskModel
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Fine-tuning hyperparameters; its fields are part of an expert's cache key."""
-
-    epochs: float
-    lr: float
-    batch_size: int
-    weight_decay: float = 0.1
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    """``cosine`` or ``linear`` decay to 0 (after the linear warm-up), or ``constant``."""
-    grad_clip: float | None = 1.0
-    num_workers: int = 0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def steps(self, num_examples: int, epochs: float | None = None) -> int:
-        per_epoch = math.ceil(num_examples / self.batch_size)
-        return max(1, round((self.epochs if epochs is None else epochs) * per_epoch))
+# Recipe belongs to the suite contract (a suite says how its experts are fine-tuned);
+# ``from atmbench.finetune import Recipe`` keeps working.
+from atmbench.suite import Recipe, TaskModel
 
 
 @dataclass

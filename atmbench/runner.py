@@ -1,13 +1,14 @@
 """Plan a grid of cells and execute them: experts from the cache, merge, refine, evaluate.
 
-Each cell is independent given the expert cache, so executors can hand cells to other
-processes; results go to the :class:`~atmbench.store.ResultStore` one cell at a time.
+Each cell is independent given the expert cache, so executors
+(:mod:`atmbench.executors`, which import this module and never the other way round) can
+hand cells to other processes; results go to the :class:`~atmbench.store.ResultStore` one
+cell at a time.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import time
 import traceback
@@ -32,7 +33,7 @@ from atmbench.mtl import ensure_mtl, private_of
 from atmbench.provenance import device_name, git_commit, peak_memory_mb, versions
 from atmbench.refiner import TRACE, Refiner, RefineRequest, RefineResult
 from atmbench.spec import REFERENCES, Cell, MethodSpec, describe, describe_refiner, parse_spec
-from atmbench.store import CellRecord, ResultStore
+from atmbench.store import CellRecord
 from atmbench.streaming import merged_task_vector, merged_with_state, task_vector
 from atmbench.suite import Benchmark
 
@@ -534,29 +535,3 @@ def _plugin_versions(cell: Cell | ExpertJob) -> dict[str, str]:
                 f"{registered.source.package} {registered.source.version}"
             )
     return found
-
-
-@dataclass
-class Summary:
-    ran: int = 0
-    skipped: int = 0
-    failed: list[CellRecord] = field(default_factory=list)
-
-
-def run(
-    cells: Sequence[Cell],
-    store: ResultStore,
-    ws: Workspace,
-    force: bool = False,
-    on_record: Callable[[CellRecord], None] | None = None,
-) -> Summary:
-    """Execute the cells not yet in the store (all of them with ``force``) in this process.
-
-    The ``local`` executor with ``ws``; other executors: :func:`atmbench.executors.run_grid`.
-    """
-    from atmbench.executors import Options, run_grid
-    from atmbench.executors.local import execute_local
-
-    options = Options(ws.home, str(ws.device), ws.progress, trace=ws.trace)
-    local = functools.partial(execute_local, ws=ws)
-    return run_grid(cells, store, local, options, force=force, on_record=on_record)

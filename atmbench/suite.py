@@ -20,8 +20,9 @@ through this contract only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,7 +30,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from atmbench.finetune import Recipe
 from atmbench.metrics import Metric
 
 SPLITS = ("train", "val", "test")
@@ -90,6 +90,28 @@ class TaskModel(nn.Module):
     def private_state(self) -> dict[str, Tensor]:
         """The task-private parameters' values, on the CPU."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.private.state_dict().items()}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Fine-tuning hyperparameters; its fields are part of an expert's cache key."""
+
+    epochs: float
+    lr: float
+    batch_size: int
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    """``cosine`` or ``linear`` decay to 0 (after the linear warm-up), or ``constant``."""
+    grad_clip: float | None = 1.0
+    num_workers: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def steps(self, num_examples: int, epochs: float | None = None) -> int:
+        per_epoch = math.ceil(num_examples / self.batch_size)
+        return max(1, round((self.epochs if epochs is None else epochs) * per_epoch))
 
 
 class Benchmark(Protocol):

@@ -15,7 +15,7 @@ import atmbench
 from atmbench import analysis, executors, plots, registry, runner
 from atmbench import hparams as hp
 from atmbench.default_plugins.refiners import atm
-from atmbench.executors.local import execute_local
+from atmbench.executors.local import execute_local, run_local
 from atmbench.finetune import Recipe, finetune, state_on_cpu
 from atmbench.heads import Classifier
 from atmbench.hookspecs import hookimpl
@@ -276,7 +276,7 @@ def test_runner_stores_compute_and_a_trace_that_analysis_reads(register, home, t
         cells = runner.plan("fake3", None, ["ta:lam=0.3", "atm:iterations=2", "ta+atm"], [0])
         store = ResultStore(tmp_path / "results.sqlite")
         ws = runner.Workspace(home, torch.device("cpu"), progress=False)
-        summary = runner.run(cells, store, ws)
+        summary = run_local(cells, store, ws)
     assert not summary.failed
     rows = store.cells().set_index("method")
     # atm from the base at the default budget spends exactly the experts' compute

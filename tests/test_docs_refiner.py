@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from atmbench import runner
+from atmbench.executors.local import run_local
 from atmbench.hookspecs import hookimpl
 from atmbench.refiner import Refiner, RefineRequest, RefineResult
 from atmbench.store import ResultStore
@@ -59,7 +60,7 @@ def test_the_example_is_searched_and_pinned_as_the_doc_says(rescale, home, tmp_p
     specs = ["ta:lam=0.5+rescale", "ta:lam=0.5+rescale:factor=1.5"]
     cells = [c for c in runner.plan("toy2", None, specs, [0]) if c.method in specs]
     store = ResultStore(tmp_path / "results.sqlite")
-    summary = runner.run(cells, store, runner.Workspace(home, torch.device("cpu"), False))
+    summary = run_local(cells, store, runner.Workspace(home, torch.device("cpu"), False))
     assert not summary.failed, summary.failed[0].error
     rows = store.cells().set_index("method")
     searched = rows.loc["ta:lam=0.5+rescale"]

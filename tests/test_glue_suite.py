@@ -32,6 +32,7 @@ from atmbench.default_plugins.suites.glue.benchmark import GlueBenchmark  # noqa
 from atmbench.default_plugins.suites.glue.experts import load_experts, repositories  # noqa: E402
 from atmbench.default_plugins.suites.glue.tasks import SUITES, TASKS  # noqa: E402
 from atmbench.evaluate import evaluate  # noqa: E402
+from atmbench.executors.local import run_local  # noqa: E402
 from atmbench.finetune import Recipe, _lr_lambda  # noqa: E402
 from atmbench.hookspecs import hookimpl  # noqa: E402
 from atmbench.store import ResultStore  # noqa: E402
@@ -339,7 +340,7 @@ def test_fine_tune_merge_evaluate_through_the_runner(
         cells = runner.plan(f"glue_{family}", model, ["ta:lam=0.5"], [0])
         if family != "roberta":  # the multi-task row runs once, on the regression family
             cells = [c for c in cells if c.method != "mtl"]
-        summary = runner.run(cells, store, ws)
+        summary = run_local(cells, store, ws)
         assert summary.failed == [], summary.failed
         b = ws.benchmark(f"glue_{family}", model)
         experts = ws.experts(b, 0)
@@ -389,7 +390,7 @@ def test_atm_and_regmean_on_a_language_suite(tiny, mirror, tmp_path, register, m
     with register(_suite_plugin(tiny, "roberta", tasks), "glue_roberta"):
         cells = runner.plan("glue_roberta", model, ["regmean", "atm:iterations=1"], [0])
         cells = [c for c in cells if c.method not in ("mtl",)]
-        summary = runner.run(cells, store, ws)
+        summary = run_local(cells, store, ws)
     assert summary.failed == [], summary.failed
     rows = store.frame("test")
     assert set(rows.method) >= {"regmean", "atm:iterations=1"}

@@ -29,6 +29,7 @@ from atmbench.cli import cli  # noqa: E402
 from atmbench.default_plugins.suites.mergebench.benchmark import MergeBenchmark  # noqa: E402
 from atmbench.default_plugins.suites.mergebench.domains import DOMAINS  # noqa: E402
 from atmbench.default_plugins.suites.mergebench.experts import repositories  # noqa: E402
+from atmbench.executors.local import run_local  # noqa: E402
 from atmbench.finetune import Recipe  # noqa: E402
 from atmbench.hookspecs import hookimpl  # noqa: E402
 from atmbench.method import combine  # noqa: E402
@@ -224,7 +225,7 @@ def test_merge_and_score_with_lm_eval_through_the_runner(tiny, tmp_path, registe
     with register(_plugin(tiny, "mb_tiny"), "mb_tiny"):
         cells = runner.plan("mb_tiny", model, ["ta:lam=0.5"], [0], experts=experts)
         cells = [c for c in cells if c.method != "mtl"]
-        summary = runner.run(cells, store, ws)
+        summary = run_local(cells, store, ws)
         assert summary.failed == [], summary.failed[0].error if summary.failed else ""
         bench = ws.benchmark("mb_tiny", model)
         vectors = ws.experts(bench, 0, experts).vectors()
@@ -244,6 +245,8 @@ def test_merge_and_score_with_lm_eval_through_the_runner(tiny, tmp_path, registe
     pretrained = rows[rows.method == "pretrained"].set_index("task").accuracy.to_dict()
     plain = bench.backbone()
     assert pretrained["math"] == pytest.approx(mc_accuracy(plain, bench.tokenizer))
+    # the suite's own score (one number) is what is stored, as "score"
+    assert [json.loads(t) for t in rows.scores] == [{"score": a} for a in rows.accuracy]
     val = store.frame("val")
     assert set(val.method) == {"pretrained", "experts", "ta:lam=0.5"}
     assert all(0 <= a <= 100 for a in val.accuracy)
@@ -262,7 +265,7 @@ def test_atm_tunes_with_the_causal_lm_loss_through_the_runner(
             for c in runner.plan("mb_atm", model, ["atm:iterations=1"], [0])
             if c.method == "atm:iterations=1"
         ]
-        summary = runner.run(cells, store, ws)
+        summary = run_local(cells, store, ws)
     assert summary.failed == [], summary.failed[0].error if summary.failed else ""
     cell = store.cells().iloc[0]
     # 12 rows, 1 held out to validate: 11 train items in batches of 4, one epoch: 3 steps

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from atmbench import runner
+from atmbench.executors.local import run_local
 from atmbench.finetune import Recipe, TrainStats
 from atmbench.heads import Classifier
 from atmbench.hookspecs import hookimpl
@@ -104,7 +105,7 @@ def ran(register, home, tmp_path):
             cells = [c for c in runner.plan("linear2", None, list(specs), [0]) if c.method in specs]
             store = ResultStore(tmp_path / "results.sqlite")
             ws = runner.Workspace(home, torch.device("cpu"), progress=False)
-            summary = runner.run(cells, store, ws)
+            summary = run_local(cells, store, ws)
         assert not summary.failed, summary.failed[0].error
         return store.cells().set_index("method"), cells
 

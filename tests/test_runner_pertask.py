@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from atmbench import registry, runner
+from atmbench.executors.local import run_local
 from atmbench.hookspecs import hookimpl
 from atmbench.leaderboard import provenance, provenance_lines, table
 from atmbench.store import ResultStore
@@ -36,7 +37,7 @@ def test_per_task_methods_and_lines_run_and_are_stored_as_such(toy, home, tmp_pa
     cells = runner.plan("toy2", None, specs, [0])
     store = ResultStore(tmp_path / "results.sqlite")
     ws = runner.Workspace(home, torch.device("cpu"), False)
-    summary = runner.run(cells, store, ws)
+    summary = run_local(cells, store, ws)
     assert not summary.failed, summary.failed[0].error
     rows = store.cells().set_index("method")
     entries = 4 * 6 + 6 + 6 * 5 + 5  # the toy MLP's parameters

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from atmbench import runner
+from atmbench.executors.local import run_local
 from atmbench.finetune import Recipe, state_on_cpu
 from atmbench.hookspecs import hookimpl
 from atmbench.metrics import ACCURACY, CHAR_ACCURACY, EXACT_MATCH, MATTHEWS, PEARSON, SPEARMAN
@@ -103,7 +104,7 @@ def test_private_heads_travel_with_their_expert_and_are_never_merged(register, h
         cells = runner.plan("heads2", None, ["ta:lam=0.5", "ta:lam=0.5+atm:iterations=1"], [0])
         store = ResultStore(tmp_path / "results.sqlite")
         ws = runner.Workspace(home, torch.device("cpu"), progress=False)
-        summary = runner.run(cells, store, ws)
+        summary = run_local(cells, store, ws)
     assert not summary.failed, [r.error for r in summary.failed]
     bench = ws.benchmark("heads2", "lin")
     experts = ws.experts(bench, 0)

@@ -10,6 +10,7 @@ import torch
 from atmbench import leaderboard, runner, statistics
 from atmbench.default_plugins.suites import text8
 from atmbench.evaluate import evaluate
+from atmbench.executors.local import run_local
 from atmbench.generative import encode_example
 from atmbench.metrics import CHAR_ACCURACY
 from atmbench.store import ResultStore
@@ -130,7 +131,7 @@ def test_runner_merges_tunes_and_scores_text8(bench, tmp_path):
     store = ResultStore(tmp_path / "results.sqlite")
     ws = runner.Workspace(bench._home, torch.device("cpu"), progress=False)
     ws._benchmarks["text8", "llama-micro"] = bench
-    summary = runner.run(cells, store, ws)
+    summary = run_local(cells, store, ws)
     assert not summary.failed, [r.error for r in summary.failed]
     rows = store.frame("test")
     assert set(rows.method) == {"pretrained", "experts", "mtl", *specs}

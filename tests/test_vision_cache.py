@@ -24,6 +24,7 @@ from atmbench import runner  # noqa: E402
 from atmbench.default_plugins.suites.vision import batches, data, imagecache  # noqa: E402
 from atmbench.default_plugins.suites.vision.benchmark import VisionBenchmark  # noqa: E402
 from atmbench.evaluate import score  # noqa: E402
+from atmbench.executors.local import run_local  # noqa: E402
 from atmbench.finetune import finetune  # noqa: E402
 from atmbench.hookspecs import hookimpl  # noqa: E402
 from atmbench.store import ResultStore  # noqa: E402
@@ -87,13 +88,13 @@ def test_cache_is_built_once_and_reused(tmp_path, hub, decodes, register, monkey
     with register(Plugin(), "vision_tiny"):
         ws = runner.Workspace(tmp_path, torch.device("cpu"), progress=False)
         cells = runner.plan("vision_tiny", MODEL, ["ta:lam=0.5", "average"], [0, 1])
-        summary = runner.run([c for c in cells if c.method != "mtl"], store, ws)
+        summary = run_local([c for c in cells if c.method != "mtl"], store, ws)
         assert summary.failed == [] and summary.ran == 8
         assert len(decodes) == every  # train (serving train and val) and test, once each
         imagecache._verified.clear()  # a later run in a new process
         ws = runner.Workspace(tmp_path, torch.device("cpu"), progress=False)
         cells = runner.plan("vision_tiny", MODEL, ["ta:lam=0.3", "atm:iterations=1"], [2])
-        summary = runner.run([c for c in cells if c.method != "mtl"], store, ws)
+        summary = run_local([c for c in cells if c.method != "mtl"], store, ws)
         assert summary.failed == [] and summary.ran == 4
     assert len(decodes) == every
     cached = [p for p in (tmp_path / "image-cache").glob("*/*") if p.is_dir()]

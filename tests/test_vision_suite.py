@@ -35,6 +35,7 @@ from atmbench.default_plugins.suites.vision.download import download  # noqa: E4
 from atmbench.default_plugins.suites.vision.tasks import SUITES, TASKS  # noqa: E402
 from atmbench.default_plugins.suites.vision.templates import TEMPLATES  # noqa: E402
 from atmbench.default_plugins.suites.vision.zeroshot import head_key  # noqa: E402
+from atmbench.executors.local import run_local  # noqa: E402
 from atmbench.finetune import Recipe  # noqa: E402
 from atmbench.hookspecs import hookimpl  # noqa: E402
 from atmbench.store import ResultStore  # noqa: E402
@@ -304,7 +305,7 @@ def test_whole_path_through_the_runner(tmp_path, hub, register, monkeypatch):
         cells = [
             c for c in runner.plan("vision_tiny", MODEL, ["ta:lam=0.5"], [0]) if c.method != "mtl"
         ]
-        summary = runner.run(cells, store, ws)
+        summary = run_local(cells, store, ws)
     assert summary.failed == [] and summary.ran == 3
     bench = ws.benchmark("vision_tiny", MODEL)
     experts = ws.experts(bench, 0)

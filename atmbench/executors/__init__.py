@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from atmbench.executors.base import Executor, Options, run_grid, schedule
+from atmbench.executors.base import Executor, Options, Summary, run_grid, schedule
 
 EXECUTORS = {
     "local": "atmbench.executors.local:execute_local",
@@ -17,7 +17,7 @@ EXECUTORS = {
     "ray": "atmbench.executors.ray_tasks:execute_ray",
 }
 
-__all__ = ["EXECUTORS", "Executor", "Options", "get_executor", "run_grid", "schedule"]
+__all__ = ["EXECUTORS", "Executor", "Options", "Summary", "get_executor", "run_grid", "schedule"]
 
 
 def get_executor(name: str) -> Executor:

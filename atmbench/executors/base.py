@@ -14,13 +14,13 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from atmbench import registry
 from atmbench.refiner import TRACE
-from atmbench.runner import ExpertJob, Summary
+from atmbench.runner import ExpertJob
 from atmbench.spec import Cell
 from atmbench.store import CellRecord, ResultStore
 
@@ -38,6 +38,15 @@ class Options:
     ray_address: str | None = None
     trace: tuple[str, ...] = TRACE
     """Splits refiners score after every iteration (``--trace``)."""
+
+
+@dataclass
+class Summary:
+    """What :func:`run_grid` did: cells run and skipped, and the records of failed ones."""
+
+    ran: int = 0
+    skipped: int = 0
+    failed: list[CellRecord] = field(default_factory=list)
 
 
 log = logging.getLogger(__name__)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator, Sequence
 
 from atmbench.config import pick_device
-from atmbench.executors.base import Options
+from atmbench.executors.base import Options, Summary, run_grid
 from atmbench.runner import Workspace, execute
 from atmbench.spec import Cell
-from atmbench.store import CellRecord
+from atmbench.store import CellRecord, ResultStore
 
 
 def execute_local(
@@ -23,3 +24,17 @@ def execute_local(
     ws = ws or Workspace(options.home, pick_device(options.device), options.progress, options.trace)
     for cell in cells:
         yield execute(cell, ws)
+
+
+def run_local(
+    cells: Sequence[Cell],
+    store: ResultStore,
+    ws: Workspace,
+    force: bool = False,
+    on_record: Callable[[CellRecord], None] | None = None,
+) -> Summary:
+    """Execute the cells not yet in the store (all of them with ``force``) in this process,
+    on the benchmarks ``ws`` already loaded: the ``local`` executor for Python callers."""
+    options = Options(ws.home, str(ws.device), ws.progress, trace=ws.trace)
+    local = functools.partial(execute_local, ws=ws)
+    return run_grid(cells, store, local, options, force=force, on_record=on_record)
