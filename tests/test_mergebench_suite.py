@@ -280,6 +280,25 @@ def test_atm_tunes_with_the_causal_lm_loss_through_the_runner(
     assert all(0 <= a <= 100 for a in rows.accuracy)
 
 
+def test_refine_a_merge_and_train_the_multi_task_row(tiny, tmp_path, register, monkeypatch):
+    """``ta+atm`` tunes the bf16 merge on validation as float32; ``mtl`` trains from θ0."""
+    monkeypatch.setenv("ATMBENCH_HOME", str(tmp_path))
+    store = ResultStore(tmp_path / "results.sqlite")
+    ws = runner.Workspace(tmp_path, torch.device("cpu"), progress=False)
+    model, experts = str(tiny["llama"]["base"]), str(tiny["llama"]["experts"])
+    wanted = {"mtl", "ta:lam=0.5+atm:iterations=1"}
+    with register(_plugin(tiny, "mb_refine"), "mb_refine"):
+        cells = runner.plan("mb_refine", model, sorted(wanted), [0], experts=experts)
+        summary = runner.run([c for c in cells if c.method in wanted], store, ws)
+    assert summary.failed == [], summary.failed[0].error if summary.failed else ""
+    steps = store.cells().set_index("method").steps.to_dict()
+    # validation holds 1 of 12 rows: one step per domain; imported experts cost 0 steps
+    assert steps["ta:lam=0.5+atm:iterations=1"] == 2
+    assert steps["mtl"] == 6  # the experts' budget: 3 steps per domain
+    rows = store.frame("test")
+    assert set(rows.method) == wanted and len(rows) == 4
+
+
 def test_gemma_tied_embeddings_import_and_score(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     gemma = tiny["gemma"]

@@ -16,7 +16,9 @@ fine-tuned on five domains; this suite's tasks are those domains: ``instruction`
   on. Validation scores are teacher-forced next-token accuracy on the responses (cheap
   enough to select hyperparameters on); ATM and the other refiners tune with the
   causal-LM loss on the response tokens, batch 1, MergeBench's learning rates, float32
-  master weights under bf16 autocast, gradient checkpointing. No LoRA.
+  master weights under bf16 autocast, gradient checkpointing; so do our own experts and
+  the ``mtl`` row (full fine-tunes: on 8B and 9B models these need more memory than one
+  80 GB GPU has; import the experts and use ``--no-mtl``). No LoRA.
 * Test scores: lm-evaluation-harness in-process (``lm_eval.simple_evaluate`` on an
   ``HFLM`` wrapping the merged model as it is in memory), each task with its harness
   defaults like MergeBench's ``scripts/evaluate.sh``; a domain's score is the mean of its

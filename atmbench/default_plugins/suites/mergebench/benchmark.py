@@ -32,6 +32,8 @@ MODELS: dict[str, str] = {
 """MergeBench's eight base models (``merging/main.py``), name -> hub id."""
 MAX_LENGTH = 2048
 """Tokens of an example kept for training and validation (MergeBench's ``max_length``)."""
+EVAL_BATCH = 8
+"""lm-eval's batch size (MergeBench's ``scripts/evaluate.sh`` uses 16 or 8)."""
 TOKEN_ACCURACY = Metric("token_accuracy", ACCURACY.fn)
 
 
@@ -68,7 +70,9 @@ class MergeBenchmark:
     ``domains``, ``evals`` (domain -> lm-eval tasks and result keys), ``include_path``
     (a folder of lm-eval task YAMLs), ``data`` (a folder of ``<domain>.jsonl`` files in
     the hub datasets' columns), ``recipes``, ``max_length``, ``limit`` (examples per
-    lm-eval task) and ``batch_size`` exist for tests and smaller studies.
+    lm-eval task) and ``batch_size`` (lm-eval's; validation runs one example at a time,
+    since a batch of 2,048-token examples' logits over a 256k vocabulary is gigabytes)
+    exist for tests and smaller studies.
     """
 
     def __init__(
@@ -85,7 +89,7 @@ class MergeBenchmark:
         recipes: Mapping[str, Recipe] | None = None,
         max_length: int = MAX_LENGTH,
         limit: int | None = None,
-        batch_size: int = 1,
+        batch_size: int = EVAL_BATCH,
         dtype: torch.dtype = torch.bfloat16,
     ):
         self.suite, self.model, self.device, self.home = suite, model, device, Path(home)
@@ -152,20 +156,22 @@ class MergeBenchmark:
         return {k: v.clone() for k, v in self._base.items()}
 
     def backbone(self, state: dict[str, Tensor] | None = None) -> nn.Module:
-        """The causal LM holding ``state`` in *its* dtype (θ0's bf16 when ``None``).
+        """The causal LM holding ``state`` in the state's dtype; θ0 in float32 when ``None``.
 
-        Merged models are bf16 like θ0; ATM hands a float32 state to tune, which then
-        trains float32 master weights under the trainer's bf16 autocast. Gradient
-        checkpointing is on (it acts in training mode only).
+        Merged models are bf16 like θ0 and are evaluated so. Training starts from a float32
+        copy: fine-tuning our own experts and the multi-task model (``backbone()``), and ATM
+        (which hands over a float32 state), train float32 master weights under the
+        trainer's bf16 autocast, since AdamW steps of 1e-5 on bf16 weights mostly round
+        away. Gradient checkpointing is on (it acts in training mode only).
         """
         import transformers
 
+        dtype = torch.float32 if state is None else None
         state = self._base if state is None else state
         floats = [v.dtype for v in state.values() if v.is_floating_point()]
+        dtype = dtype or (floats[0] if floats else self.dtype)
         with torch.device(self.device):
-            module = transformers.AutoModelForCausalLM.from_config(
-                self._config, dtype=floats[0] if floats else self.dtype
-            )
+            module = transformers.AutoModelForCausalLM.from_config(self._config, dtype=dtype)
         load_canonical(module, state)
         checkpointing = getattr(module, "activation_checkpointing_enable", None)
         (checkpointing or module.gradient_checkpointing_enable)()  # renamed in transformers 5
@@ -202,7 +208,7 @@ class MergeBenchmark:
         domain's lm-eval task scores on ``model``'s causal LM, as it is in memory."""
         if split != "test":
             data = self.dataset(task, split)
-            return score(model, data, self.metrics(task), batch_size=self.batch_size)
+            return score(model, data, self.metrics(task), batch_size=1)
         scores = lmeval.evaluate(
             model.backbone,
             self.tokenizer,
