@@ -242,11 +242,14 @@ def test_merge_and_score_with_lm_eval_through_the_runner(tiny, tmp_path, registe
     rows = store.frame("test")
     ta = rows[rows.method == "ta:lam=0.5"].set_index("task").accuracy.to_dict()
     assert ta == pytest.approx(expected)
+    stored = rows[rows.method == "ta:lam=0.5"].set_index("task").scores.map(json.loads)
+    assert stored["math"] == {"score": expected["math"], "tiny_mc": expected["math"]}
+    assert list(stored["safety"]) == ["score", "tiny_gen"]  # each lm-eval task's score too
     pretrained = rows[rows.method == "pretrained"].set_index("task").accuracy.to_dict()
-    plain = bench.backbone()
+    plain = bench.backbone(base)  # θ0 as evaluated: bf16 (backbone() is a float32 copy)
     assert pretrained["math"] == pytest.approx(mc_accuracy(plain, bench.tokenizer))
-    # the suite's own score (one number) is what is stored, as "score"
-    assert [json.loads(t) for t in rows.scores] == [{"score": a} for a in rows.accuracy]
+    # the suite's own "score" is what is stored and ranked; each lm-eval task's follows
+    assert [json.loads(t)["score"] for t in rows.scores] == list(rows.accuracy)
     val = store.frame("val")
     assert set(val.method) == {"pretrained", "experts", "ta:lam=0.5"}
     assert all(0 <= a <= 100 for a in val.accuracy)
@@ -289,7 +292,7 @@ def test_refine_a_merge_and_train_the_multi_task_row(tiny, tmp_path, register, m
     wanted = {"mtl", "ta:lam=0.5+atm:iterations=1"}
     with register(_plugin(tiny, "mb_refine"), "mb_refine"):
         cells = runner.plan("mb_refine", model, sorted(wanted), [0], experts=experts)
-        summary = runner.run([c for c in cells if c.method in wanted], store, ws)
+        summary = run_local([c for c in cells if c.method in wanted], store, ws)
     assert summary.failed == [], summary.failed[0].error if summary.failed else ""
     steps = store.cells().set_index("method").steps.to_dict()
     # validation holds 1 of 12 rows: one step per domain; imported experts cost 0 steps
@@ -311,7 +314,7 @@ def test_gemma_tied_embeddings_import_and_score(tiny, tmp_path, monkeypatch):
         k: sum(experts[d][k].float() - v.float() for d in DOMAINS_HERE) for k, v in base.items()
     }
     model = bench.task_model("math", bench.backbone(combine(base, delta, 0.3)))
-    assert bench.score("math", "test", model) == pytest.approx(
+    assert bench.score("math", "test", model)["score"] == pytest.approx(
         mc_accuracy(model.backbone, bench.tokenizer)
     )
 

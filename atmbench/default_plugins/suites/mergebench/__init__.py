@@ -22,7 +22,7 @@ fine-tuned on five domains; this suite's tasks are those domains: ``instruction`
 * Test scores: lm-evaluation-harness in-process (``lm_eval.simple_evaluate`` on an
   ``HFLM`` wrapping the merged model as it is in memory), each task with its harness
   defaults like MergeBench's ``scripts/evaluate.sh``; a domain's score is the mean of its
-  tasks', in percent:
+  tasks', in percent (stored as ``score``, each task's score beside it):
 
   - instruction: ``ifeval``, prompt-level strict accuracy (as MergeBench);
   - math: ``gsm8k_cot``, 8-shot exact match, strict match (as MergeBench);

@@ -203,12 +203,15 @@ class MergeBenchmark:
     def metrics(self, task: str) -> tuple[Metric, ...]:
         return (TOKEN_ACCURACY,)
 
-    def score(self, task: str, split: str, model: GenerativeTask) -> float:
-        """Validation: token accuracy on held-out domain data; test: the mean of the
-        domain's lm-eval task scores on ``model``'s causal LM, as it is in memory."""
+    def score(self, task: str, split: str, model: GenerativeTask) -> dict[str, float]:
+        """``score`` (stored and ranked) first, then each lm-eval task's score on test.
+
+        Validation: token accuracy on held-out domain data; test: the mean of the domain's
+        lm-eval task scores on ``model``'s causal LM, as it is in memory.
+        """
         if split != "test":
             data = self.dataset(task, split)
-            return score(model, data, self.metrics(task), batch_size=1)
+            return {"score": score(model, data, self.metrics(task), batch_size=1)}
         scores = lmeval.evaluate(
             model.backbone,
             self.tokenizer,
@@ -218,7 +221,7 @@ class MergeBenchmark:
             batch_size=self.batch_size,
             limit=self.limit,
         )
-        return sum(scores.values()) / len(scores)
+        return {"score": sum(scores.values()) / len(scores), **scores}
 
     def import_experts(self, source: str) -> Mapping[str, dict[str, Tensor]]:
         """MergeBench's published experts (see :mod:`.experts`), one loaded at a time."""
