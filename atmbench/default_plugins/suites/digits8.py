@@ -18,7 +18,6 @@ zero-shot heads, experts that are good on their own task, and a merging gap betw
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from atmbench.cache import EntryCache, load_entry
-from atmbench.config import show_progress
-from atmbench.finetune import Recipe, finetune, state_on_cpu
+from atmbench.default_plugins.suites.embedded import EmbeddedBenchmark
+from atmbench.finetune import Recipe
 from atmbench.heads import Classifier, CosineHead, class_prototypes
 from atmbench.hookspecs import hookimpl
 from atmbench.metrics import ACCURACY, Metric
@@ -144,48 +142,32 @@ def _build_encoder(config: ModelConfig) -> VisionTransformer:
     )
 
 
-class DigitsBenchmark:
+class DigitsBenchmark(EmbeddedBenchmark):
     """digits8 loaded for one tiny model; all data lives in memory."""
 
+    SUITE, VERSION = SUITE, VERSION
+
     def __init__(self, model: str, home: Path, device: torch.device):
-        self.suite, self.model, self.device = SUITE, model, device
-        self.num_workers = 0  # in-memory tensors: worker processes would only add overhead
-        self.config = MODELS[model]
+        super().__init__(model, MODELS[model], home, device)
         self.tasks = tuple(TASKS)
         images, labels = _digits()
         index = _splits(len(images))
-        self._data: dict[tuple[str, str], TensorDataset] = {}
         for task, (transform, relabel, _) in TASKS.items():
             x, y = _to_input(transform(images)), relabel(labels)
             for split in ("train", "val", "test"):
                 self._data[task, split] = TensorDataset(x[index[split]], y[index[split]])
         pre = index["pretrain"]
         self._pretrain_data = TensorDataset(_to_input(images[pre]), labels[pre])
-        key = {
-            "suite": SUITE,
-            "model": model,
-            "version": VERSION,
-            "config": dataclasses.asdict(self.config),
-        }
-        self.fingerprint = f"{SUITE}-v{VERSION}-{model}"
-        directory, _, _ = EntryCache(Path(home) / "backbones").get_or_create(key, self._pretrain)
-        self._base = load_entry(directory)
+        self._load_base()
         self._heads = {task: self._make_head(task) for task in self.tasks}
 
-    def _pretrain(self) -> tuple[dict[str, Tensor], dict]:
-        torch.manual_seed(SPLIT_SEED)
-        encoder = _build_encoder(self.config).to(self.device)
+    def build(self) -> VisionTransformer:
+        return _build_encoder(self.config)
+
+    def pretraining_model(self, backbone: nn.Module) -> Classifier:
+        """Plain digit identity against fixed random class embeddings."""
         targets = torch.randn(10, self.config.width, generator=torch.Generator().manual_seed(3))
-        head = CosineHead(targets, LOGIT_SCALE).to(self.device)
-        stats = finetune(
-            Classifier(encoder, head),
-            self._pretrain_data,
-            self.config.pretrain,
-            seed=0,
-            desc=f"pretrain {SUITE}/{self.model}",
-            progress=show_progress(),
-        )
-        return state_on_cpu(encoder), {"pretrain_steps": stats.steps}
+        return Classifier(backbone, CosineHead(targets, LOGIT_SCALE).to(self.device))
 
     @torch.no_grad()
     def _make_head(self, task: str) -> CosineHead:
@@ -198,14 +180,6 @@ class DigitsBenchmark:
         protos = class_prototypes(features, labels[picked], num_classes)
         return CosineHead(protos, LOGIT_SCALE).to(self.device)
 
-    def base_state(self) -> dict[str, Tensor]:
-        return {k: v.clone() for k, v in self._base.items()}
-
-    def backbone(self, state: dict[str, Tensor] | None = None) -> nn.Module:
-        encoder = _build_encoder(self.config)
-        encoder.load_state_dict(self._base if state is None else state)
-        return encoder.to(self.device)
-
     def head(self, task: str) -> nn.Module:
         return self._heads[task]
 
@@ -217,12 +191,6 @@ class DigitsBenchmark:
 
     def metrics(self, task: str) -> tuple[Metric, ...]:
         return (ACCURACY,)
-
-    def dataset(self, task: str, split: str) -> TensorDataset:
-        return self._data[task, split]
-
-    def recipe(self, task: str) -> Recipe:
-        return self.config.expert
 
 
 @hookimpl

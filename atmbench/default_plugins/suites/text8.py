@@ -32,7 +32,6 @@ their own, and merges that land between (measured numbers: the README).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import random
 import string
@@ -44,9 +43,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, TensorDataset
 
-from atmbench.cache import EntryCache, load_entry
-from atmbench.config import show_progress
-from atmbench.finetune import Recipe, finetune, state_on_cpu
+from atmbench.default_plugins.suites.embedded import EmbeddedBenchmark
+from atmbench.finetune import Recipe
 from atmbench.generative import GenerativeTask, encode_example
 from atmbench.hookspecs import hookimpl
 from atmbench.metrics import CHAR_ACCURACY, EXACT_MATCH, Metric
@@ -193,15 +191,14 @@ def _examples(
     return out
 
 
-class TextBenchmark:
+class TextBenchmark(EmbeddedBenchmark):
     """text8 loaded for one tiny model; all data lives in memory."""
 
+    SUITE, VERSION = SUITE, VERSION
+
     def __init__(self, model: str, home: Path, device: torch.device):
-        self.suite, self.model, self.device, self._home = SUITE, model, device, Path(home)
-        self.num_workers = 0
-        self.config = MODELS[model]
+        super().__init__(model, MODELS[model], home, device)
         self.tasks = tuple(TASKS)
-        self._data = {}
         copy = _examples(PRETRAIN_TASK, _letters, lambda s: s, {"copy": (PRETRAIN_COPY, LETTERS)})
         corpus = [copy["copy"]]
         for i, (task, (generate, answer)) in enumerate(TASKS.items()):
@@ -212,47 +209,19 @@ class TextBenchmark:
             corpus.append(data.pop("pretrain"))
             self._data.update({(task, split): d for split, d in data.items()})
         self._pretrain_data = ConcatDataset(corpus)
-        key = {
-            "suite": SUITE,
-            "model": model,
-            "version": VERSION,
-            "config": dataclasses.asdict(self.config),
-        }
-        self.fingerprint = f"{SUITE}-v{VERSION}-{model}"
-        directory, _, _ = EntryCache(Path(home) / "backbones").get_or_create(key, self._pretrain)
-        self._base = load_entry(directory)
+        self._load_base()
 
-    def _pretrain(self) -> tuple[dict[str, Tensor], dict]:
-        torch.manual_seed(0)
-        backbone = _build(self.config).to(self.device)
-        stats = finetune(
-            self.task_model(PRETRAIN_TASK, backbone),
-            self._pretrain_data,
-            self.config.pretrain,
-            seed=0,
-            desc=f"pretrain {SUITE}/{self.model}",
-            progress=show_progress(),
-        )
-        return state_on_cpu(backbone), {"pretrain_steps": stats.steps}
+    def build(self) -> nn.Module:
+        return _build(self.config)
 
-    def base_state(self) -> dict[str, Tensor]:
-        return {k: v.clone() for k, v in self._base.items()}
-
-    def backbone(self, state: dict[str, Tensor] | None = None) -> nn.Module:
-        model = _build(self.config)
-        model.load_state_dict(self._base if state is None else state)
-        return model.to(self.device)
+    def pretraining_model(self, backbone: nn.Module) -> GenerativeTask:
+        """The mixture corpus (copy and every task's pretraining examples) as one task."""
+        return self.task_model(PRETRAIN_TASK, backbone)
 
     def task_model(
         self, task: str, backbone: nn.Module, private: dict[str, Tensor] | None = None
     ) -> GenerativeTask:
         return GenerativeTask(backbone, decode, PAD, EOS)
-
-    def dataset(self, task: str, split: str) -> TensorDataset:
-        return self._data[task, split]
-
-    def recipe(self, task: str) -> Recipe:
-        return self.config.expert
 
     def metrics(self, task: str) -> tuple[Metric, ...]:
         return (EXACT_MATCH, CHAR_ACCURACY)
