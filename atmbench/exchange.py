@@ -124,6 +124,7 @@ def merge(store: ResultStore, path: Path) -> MergeReport:
     con = sqlite3.connect(store.path, timeout=60)
     con.execute("PRAGMA foreign_keys = ON")
     try:
+        store.add_scores_column(con)
         with con:
             for cell in cells:
                 key = cell["cell_key"]

@@ -3,9 +3,10 @@
 ``cells`` holds one row per cell (config, status, compute, provenance, trace) and
 ``results`` one row per (cell, task, split): ``accuracy`` is the task's first metric (the
 one tables rank), ``scores`` every metric the task declares, as a JSON object in the
-task's order (NULL in rows written before it existed). The ``rows`` view joins them into
-the one-row-per-(cell, task) shape that the leaderboard reads. A cell's rows are written in
-one transaction, so a killed run never leaves half a cell behind.
+task's order (NULL in rows written before it existed; an older store gains the column on
+its first write, see :meth:`ResultStore.add_scores_column`). The ``rows`` view joins them
+into the one-row-per-(cell, task) shape that the leaderboard reads. A cell's rows are
+written in one transaction, so a killed run never leaves half a cell behind.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ VIEW = """
 DROP VIEW IF EXISTS rows;
 CREATE VIEW rows AS
     SELECT c.cell_key, c.suite, c.model, c.method, c.seed, r.task, r.split, r.accuracy,
-           r.scores, r.rowid AS position,
+           {scores}, r.rowid AS position,
            c.data_access, c.hparams, c.config, c.steps, c.examples, c.merge_time_s,
            c.wall_time_s, c.peak_mem_mb, c.device, c.versions, c.git_commit, c.created_at,
            c.task_storage_bytes
@@ -126,6 +127,15 @@ def _cell_columns(record: CellRecord) -> dict[str, Any]:
     }
 
 
+def _has_scores(con: sqlite3.Connection) -> bool:
+    return "scores" in {row[1] for row in con.execute("PRAGMA table_info(results)")}
+
+
+def _view(con: sqlite3.Connection) -> None:
+    """(Re)create the ``rows`` view; a store without ``results.scores`` reads them as NULL."""
+    con.executescript(VIEW.format(scores="r.scores" if _has_scores(con) else "NULL AS scores"))
+
+
 def encode_scores(scores: Mapping[str, float] | None) -> str | None:
     """A ``scores`` value as stored: JSON in the task's metric order (None stays NULL)."""
     return None if scores is None else json.dumps({k: float(v) for k, v in scores.items()})
@@ -141,9 +151,7 @@ class ResultStore:
             for name, kind in CELL_COLUMNS.items():
                 if name not in have:  # a store written by an older version: add as NULLs
                     con.execute(f"ALTER TABLE cells ADD COLUMN {name} {kind.split()[0]}")
-            if "scores" not in {row[1] for row in con.execute("PRAGMA table_info(results)")}:
-                con.execute("ALTER TABLE results ADD COLUMN scores TEXT")
-            con.executescript(VIEW)
+            _view(con)
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=60)
@@ -158,10 +166,20 @@ class ResultStore:
             ).fetchone()
         return row is not None
 
+    def add_scores_column(self, con: sqlite3.Connection) -> None:
+        """Give a store written before ``results.scores`` existed that column (NULL in its
+        rows). Done on the first write, not on opening: a store this version only reads
+        stays as it was, so an older atmbench (which inserts four values per result row)
+        can go on writing it, e.g. a long run of an earlier commit on the same home."""
+        if not _has_scores(con):
+            con.execute("ALTER TABLE results ADD COLUMN scores TEXT")
+            _view(con)
+
     def write(self, record: CellRecord) -> None:
         """Replace the cell and all its rows atomically."""
         con = self._connect()
         try:
+            self.add_scores_column(con)
             with con:
                 con.execute("DELETE FROM results WHERE cell_key = ?", (record.cell_key,))
                 con.execute("DELETE FROM cells WHERE cell_key = ?", (record.cell_key,))

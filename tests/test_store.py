@@ -135,11 +135,22 @@ def test_a_store_without_scores_is_migrated_and_keeps_its_rows(tmp_path):
         {"task": "a", "split": "test", "accuracy": 40.0},
         {"task": "b", "split": "test", "accuracy": 60.0},
     ]
-    store = ResultStore(path)  # migrates: results gains a NULL scores column
+
+    def columns():
+        with sqlite3.connect(path) as con:
+            return [row[1] for row in con.execute("PRAGMA table_info(results)")]
+
+    store = ResultStore(path)
+    # only read: the store stays as it was, so an older atmbench keeps writing to it
+    assert list(store.frame().accuracy) == [40.0, 60.0] and store.frame().scores.isna().all()
+    assert columns() == ["cell_key", "task", "split", "accuracy"]
+    with sqlite3.connect(path) as con:  # what an older version inserts
+        con.execute("INSERT INTO results VALUES (?,?,?,?)", (old, "c", "test", 50.0))
+    assert list(store.frame().accuracy) == [40.0, 60.0, 50.0]
     with sqlite3.connect(path) as con:
-        columns = [row[1] for row in con.execute("PRAGMA table_info(results)")]
-    assert columns == ["cell_key", "task", "split", "accuracy", "scores"]
-    store.write(_two_metrics(new, "ties"))
+        con.execute("DELETE FROM results WHERE task = 'c'")
+    store.write(_two_metrics(new, "ties"))  # the first write adds the (NULL) column
+    assert columns() == ["cell_key", "task", "split", "accuracy", "scores"]
     frame = store.frame()
     assert list(frame.cell_key) == [old, old, new, new]
     assert list(frame.accuracy) == [40.0, 60.0, 50.0, 70.0]
