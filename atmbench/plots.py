@@ -28,10 +28,14 @@ PALETTE = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#e377c2", "#bcbd22", "#17becf",
     "#fdc086", "#a1d99b", "#556b2f", "#ffb6c1", "#8b008b", "#a6761d", "#fa8072", "#1b9e77",
     "#e7298a", "#1e90ff", "#393b79", "#b3446c", "#800000", "#e6ab02", "#9e9ac8", "#7b68ee",
+    "#0000ff", "#00ff00", "#ff00ff", "#00fa9a", "#9cef43", "#005249", "#8a2be2", "#d8dcd6",
+    "#ff63e9", "#13eac9", "#ff0000", "#00bfff",
 )  # fmt: skip
 """Method colours: matplotlib's tab10 (without its grey and brown, kept for the reference
-rows), then colours picked farthest-first from matplotlib's named and qualitative colours:
-any two of these and the reference colours are at least 27 apart in CIELAB (ΔE76)."""
+rows), then colours picked farthest-first from matplotlib's CSS and xkcd colours of CIELAB
+lightness 25-88 (visible on white, apart from black): any two of these and the reference
+colours are at least 27 apart in CIELAB (ΔE76). 36 of them: the published digits8 board
+has 32 methods besides the references."""
 REFERENCE_COLORS = {"pretrained": "#7f7f7f", "experts": "#000000", "mtl": "#8c564b"}
 HATCHES = ("", "//", "..", "xx")
 """Past the palette's length colours repeat with a hatch (bars) or a dash (lines)."""
