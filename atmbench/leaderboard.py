@@ -596,11 +596,12 @@ def _plots(b: Board, out: Path, curves: dict[str, list[float]]) -> list[tuple[st
     from atmbench import plots
 
     columns = [c for c in b.summary.columns if c != NORM]
-    bars = plots.task_bars(b.summary, columns, out / f"{b.stem}.png", b.title)
+    bars = plots.task_bars(b.summary, columns, out / f"{b.stem}.png", b.title, b.metric)
     images = [(f"{b.suite} / {b.model}: test {b.metric} per task and method", bars.name)]
     if curves:
         styles = plots.method_styles([*b.summary.index, *curves])
-        path = plots.atm_curves(curves, out / f"{b.stem}-atm.png", f"{b.suite} / {b.model}", styles)
+        title = f"{b.suite} / {b.model}"
+        path = plots.atm_curves(curves, out / f"{b.stem}-atm.png", title, styles, b.metric)
         caption = f"{b.suite} / {b.model}: ATM test {b.metric} per iteration"
         images.append((caption, path.name))
     return images

@@ -63,23 +63,30 @@ def value_floor(low: float) -> float:
     return max(0.0, float(np.floor((low - 5.0) / 10.0) * 10.0))
 
 
-def task_bars(summary: pd.DataFrame, columns: Sequence[str], path: Path, title: str) -> Path:
+def task_bars(
+    summary: pd.DataFrame, columns: Sequence[str], path: Path, title: str, metric: str = "accuracy"
+) -> Path:
     """:func:`bars_figure` as a PNG at ``path``."""
-    return _save(bars_figure(summary, columns, title), path)
+    return _save(bars_figure(summary, columns, title, metric), path)
 
 
-def bars_figure(summary: pd.DataFrame, columns: Sequence[str], title: str) -> Figure:
+def bars_figure(
+    summary: pd.DataFrame, columns: Sequence[str], title: str, metric: str = "accuracy"
+) -> Figure:
     """Grouped bars: one group per column (tasks, the average), one bar per method, ± std.
 
     ``summary`` is a leaderboard table (mean, with the std in ``attrs``). The value axis
-    starts near the lowest bar (see :func:`value_floor`), and its label says so.
+    starts near the lowest bar (see :func:`value_floor`), and its label says so and names
+    the suite's ``metric``.
     """
     std = summary.attrs.get("std", summary * np.nan)[columns].fillna(0.0)
     methods = list(summary.index)
     width = 0.8 / len(methods)
     x = np.arange(len(columns))
-    # wide enough for a bar per method in each group, capped for twenty-odd methods
-    fig = Figure(figsize=(min(16.0, 2.5 + len(columns) * (0.5 + 0.08 * len(methods))), 5))
+    # wide enough for a bar per method in each group, capped for twenty-odd methods; tall
+    # enough for the legend's one line per method (about 0.2 in each, beside the axes)
+    width_in = min(16.0, 2.5 + len(columns) * (0.5 + 0.08 * len(methods)))
+    fig = Figure(figsize=(width_in, max(5.0, 1.0 + 0.2 * len(methods))))
     ax = fig.add_subplot()
     styles = method_styles(methods)
     for i, method in enumerate(methods):
@@ -98,7 +105,7 @@ def bars_figure(summary: pd.DataFrame, columns: Sequence[str], title: str) -> Fi
     values = summary[columns].to_numpy(dtype=float) - std.to_numpy(dtype=float)
     floor = value_floor(float(np.nanmin(values))) if np.isfinite(values).any() else 0.0
     ax.set_xticks(x, columns, rotation=30, ha="right")
-    ax.set_ylabel("test accuracy (%)" + (f", axis from {floor:g}" if floor > 0 else ""))
+    ax.set_ylabel(f"test {metric} (%)" + (f", axis from {floor:g}" if floor > 0 else ""))
     ax.set_ylim(floor, 100)
     ax.set_title(title)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -133,8 +140,9 @@ def atm_curves(
     path: Path,
     title: str,
     styles: Mapping[str, tuple[str, int]] | None = None,
+    metric: str = "accuracy",
 ) -> Path:
-    """Test accuracy (mean over tasks) against the ATM iteration, one line per method.
+    """Test ``metric`` (mean over tasks) against the ATM iteration, one line per method.
 
     ``styles`` (from :func:`method_styles` over the whole board) gives each method the
     colour it has in the board's bar chart.
@@ -155,7 +163,7 @@ def atm_curves(
         )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("ATM iteration (0 = start)")
-    ax.set_ylabel("mean test accuracy (%)")
+    ax.set_ylabel(f"mean test {metric} (%)")
     ax.set_title(title)
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)

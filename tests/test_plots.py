@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex, to_rgb
 from matplotlib.container import BarContainer
 
@@ -69,12 +70,24 @@ def test_the_bar_chart_axis_starts_near_the_data_and_says_so():
     bottom, top = ax.get_ylim()
     assert 0 < bottom <= low and low - bottom <= 15 and top == 100
     assert ax.get_ylabel() == f"test accuracy (%), axis from {bottom:g}"
+    text = bars_figure(summary, columns, "text8", "exact match").axes[0]  # the suite's metric
+    assert text.get_ylabel() == f"test exact match (%), axis from {bottom:g}"
     # each method's bars carry its own colour
     bars = [c for c in ax.containers if isinstance(c, BarContainer)]
     drawn = {c.get_label(): to_hex(c.patches[0].get_facecolor()) for c in bars}
     styles = method_styles(list(summary.index))
     assert drawn == {m: styles[m][0] for m in summary.index}
     assert len(set(drawn.values())) == len(drawn)
+
+
+def test_the_legend_of_the_published_board_fits_in_the_figure():
+    columns = [c for c in PUBLISHED["columns"] if c != "norm. avg"]
+    fig = bars_figure(summary_of(PUBLISHED["rows"], columns), columns, "digits8")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    legend = fig.axes[0].get_legend()
+    assert len(legend.get_texts()) == len(PUBLISHED["rows"]) >= 30
+    box, page = legend.get_window_extent(renderer), fig.bbox
+    assert page.y0 <= box.y0 and box.y1 <= page.y1 and box.x1 <= page.x1
 
 
 def test_value_floor():
