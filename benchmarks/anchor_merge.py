@@ -35,28 +35,12 @@ import torch
 from safetensors.torch import load_file
 from tower import TASKS, measured  # this directory, first on sys.path
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "data" / "golden" / "scripts"))
+from common import module  # noqa: E402  (the golden scripts' module builder)
+
 State = dict[str, torch.Tensor]
 Setup = Callable[[State, list[State], int], Callable[[], object]]
 """(θ0, task vectors, steps) -> the merge to time."""
-
-
-def _module(state: State, buffers: bool = False) -> torch.nn.Module:
-    """An ``nn.Module`` whose ``state_dict()`` is ``state`` (dotted names become submodules);
-    ``buffers``: registered as buffers (FusionBench 0.2.33's ``state_dict_add`` refuses to add
-    a plain tensor to an ``nn.Parameter``, which TALL masks' retrieval does)."""
-    root = torch.nn.Module()
-    for name, value in state.items():
-        *path, leaf = name.split(".")
-        node = root
-        for part in path:
-            if not hasattr(node, part):
-                node.add_module(part, torch.nn.Module())
-            node = getattr(node, part)
-        if buffers:
-            node.register_buffer(leaf, value.clone())
-        else:
-            node.register_parameter(leaf, torch.nn.Parameter(value.clone(), requires_grad=False))
-    return root
 
 
 def _experts(base: State, vectors: list[State]) -> list[State]:
@@ -65,8 +49,8 @@ def _experts(base: State, vectors: list[State]) -> list[State]:
 
 def _pool(base: State, vectors: list[State], buffers: bool = False) -> dict:
     experts = _experts(base, vectors)
-    pool = {"_pretrained_": _module(base, buffers)}
-    return pool | {f"t{t}": _module(e, buffers) for t, e in enumerate(experts)}
+    pool = {"_pretrained_": module(base, buffers)}
+    return pool | {f"t{t}": module(e, buffers) for t, e in enumerate(experts)}
 
 
 def _fb_svd(name: str) -> Setup:
@@ -166,7 +150,7 @@ def _official_cart(base: State, vectors: list[State], steps: int) -> Callable[[]
         {"tasks": [f"t{t}" for t in range(len(vectors))], "device": "cpu"}
         | {"prior": 2.0, "initial_rank_ratio": 0.12}
     )
-    encoder = _module(base)
+    encoder = module(base)
 
     def run() -> None:
         merger = StaticMergeModule(config, encoder, [TaskVector(vector=v) for v in vectors])

@@ -24,8 +24,13 @@ def inputs() -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]
     return base, experts
 
 
-def module(state: dict[str, torch.Tensor]) -> nn.Module:
-    """An nn.Module whose ``state_dict()`` is ``state`` (dotted names become submodules)."""
+def module(state: dict[str, torch.Tensor], buffers: bool = False) -> nn.Module:
+    """An nn.Module whose ``state_dict()`` is ``state`` (dotted names become submodules).
+
+    ``buffers``: registered as buffers, not parameters: FusionBench 0.2.33's
+    ``state_dict_add`` refuses to add a plain tensor (a retrieved task vector) to an
+    ``nn.Parameter`` (RECIPE.md, surprise 8); buffers come back as plain tensors.
+    """
     root = nn.Module()
     for name, value in state.items():
         *path, leaf = name.split(".")
@@ -34,7 +39,10 @@ def module(state: dict[str, torch.Tensor]) -> nn.Module:
             if not hasattr(node, part):
                 node.add_module(part, nn.Module())
             node = getattr(node, part)
-        node.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
+        if buffers:
+            node.register_buffer(leaf, value.clone())
+        else:
+            node.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
     return root
 
 

@@ -34,30 +34,15 @@ def emr() -> dict[str, torch.Tensor]:
     }
 
 
-def buffers(state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """``common.module`` with buffers instead of parameters: FusionBench 0.2.33's
-    ``state_dict_add`` refuses to add a plain tensor (the retrieved task vector) to an
-    ``nn.Parameter`` (RECIPE.md, surprise 8); buffers come back as plain tensors."""
-    root = module({})
-    for name, value in state.items():
-        *path, leaf = name.split(".")
-        node = root
-        for part in path:
-            if not hasattr(node, part):
-                node.add_module(part, torch.nn.Module())
-            node = getattr(node, part)
-        node.register_buffer(leaf, value.clone())
-    return root
-
-
 def tall_masks(lam: float) -> dict[str, torch.Tensor]:
     """FusionBench compares |θ0 − τ_t| where the official code has |τ_t|: with θ0 = 0 (and
     θ_t = τ_t) the two agree, and its per-task models are the task vectors themselves.
     In float32: its state-dict arithmetic refuses the float64 × float32-mask product."""
     base, experts = inputs()
     zero = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in base.items()}
-    pool = {"_pretrained_": buffers(zero)}
-    pool |= {t: buffers({k: (experts[t][k] - base[k]).float() for k in base}) for t in TASKS}
+    pool = {"_pretrained_": module(zero, buffers=True)}
+    vectors = {t: {k: (experts[t][k] - base[k]).float() for k in base} for t in TASKS}
+    pool |= {t: module(v, buffers=True) for t, v in vectors.items()}
     models = TallMaskTaskArithmeticAlgorithm(tall_mask_lambda=lam).run(pool)["models"]
     return {f"{t}.{k}": v.detach() for t in TASKS for k, v in models[t].state_dict().items()}
 
