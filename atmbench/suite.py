@@ -159,6 +159,9 @@ class Benchmark(Protocol):
     # Optional: ``import_experts(source) -> {task: fine-tuned state dict}`` for suites whose
     # published experts can replace fine-tuning (``--experts SOURCE``); private parameters
     # ride along under ``PRIVATE``-prefixed keys.
+    # Optional: ``residual_blocks(backbone) -> Sequence[str]``, the names of ``backbone``'s
+    # residual blocks (transformer layers) in the order its forward runs them, for methods
+    # that merge block by block (``regmean_pp``): see :func:`residual_blocks`.
 
 
 PRIVATE = "private:"
@@ -173,6 +176,36 @@ def model_for(
 ) -> TaskModel:
     """``task_model(task, backbone(state), private)``: the one-liner most callers need."""
     return bench.task_model(task, bench.backbone(state), private)
+
+
+def residual_blocks(bench: Benchmark, backbone: nn.Module) -> list[str]:
+    """The names of ``backbone``'s residual blocks in forward order, as ``bench`` names them.
+
+    A suite only names its blocks; it need not say how to run one. A method that feeds block
+    i what the merged model feeds it captures the block's whole call (hidden states and
+    whatever else the model passes: position embeddings, attention or causal masks, a
+    relative position bias, an encoder's output) with a forward pre-hook on the merged model.
+    """
+    if not hasattr(bench, "residual_blocks"):
+        raise ValueError(
+            f"suite {bench.suite!r} does not name its model's residual blocks "
+            "(Benchmark.residual_blocks), which block-by-block merging needs"
+        )
+    names = list(bench.residual_blocks(backbone))
+    modules = dict(backbone.named_modules())
+    unknown = [n for n in names if n not in modules]
+    if not names or unknown:
+        raise ValueError(
+            f"suite {bench.suite!r} names residual blocks {unknown or names} that its "
+            f"{type(backbone).__name__} does not have"
+        )
+    return names
+
+
+def blocks_of(backbone: nn.Module, *lists: str) -> list[str]:
+    """``PATH.i`` for each module ``i`` of the ``nn.ModuleList`` at each path, in order."""
+    modules = dict(backbone.named_modules())
+    return [f"{path}.{i}" for path in lists for i in range(len(modules[path]))]
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,25 @@ Departures: the system is solved with a float64 pseudo-inverse as in ``regmean``
 calls ``torch.inverse``; they agree when Σ G̃_t is invertible). FusionBench never writes
 ``post_layernorm``, which stays at θ0, and does not merge the visual projection (its experts
 never trained it); here both (``ln_post``, ``proj``) are the experts' mean, like every
-parameter outside the blocks. Backbones must be open_clip-like: a ``transformer.resblocks``
-list of blocks, run in order on the stream, without attention masks.
+parameter outside the blocks.
+
+Backbones: any whose suite names its residual blocks (``Benchmark.residual_blocks``: open_clip's
+``transformer.resblocks``, a Llama's ``model.layers``, T5's encoder then decoder blocks,
+RoBERTa's ``encoder.layer``). FusionBench's generic ``RegMeanAlgorithmPlusPlus`` asks a
+subclass for the layers, the first layer's input and a way to run one layer, and only its
+CLIP subclass exists (the authors' repository is CLIP-only too), which runs a layer on the
+hidden states alone. Language-model blocks also need what their model passes them: rotary
+position embeddings and the causal mask (Llama), the relative position bias and the
+encoder's output (T5), the padding mask (RoBERTa). So instead of carrying hidden states from
+block to block, task t's copy of block i is fed the very call the merged model makes to its
+block i, captured with a forward pre-hook that then stops the forward. The inputs are the
+same as the stream's (on digits8 the Grams are bitwise those of the stream version); the
+price is a forward through the merged blocks below i for each block, L(L+1)/2 block passes
+per example instead of 2L. For language models every token position is a Gram row (prompt,
+answer and trailing padding alike, as in ``regmean``'s ``gram`` statistic), and the parts
+outside the blocks (embeddings, final norm, a language-model head) are the experts' mean,
+as FusionBench does outside CLIP's blocks: only the blocks' linear maps get Grams. GPT-2's
+``Conv1D`` maps are no ``nn.Linear`` and get none (as in ``regmean``): they are averaged.
 """
 
 from __future__ import annotations
@@ -43,6 +60,7 @@ from atmbench.default_plugins.methods.regmean import regmean
 from atmbench.hookspecs import hookimpl
 from atmbench.hparams import HParam
 from atmbench.method import MergeMethod, TensorContext
+from atmbench.suite import residual_blocks
 
 ALPHA = HParam(
     "alpha",
@@ -52,11 +70,10 @@ ALPHA = HParam(
     high=1.0,
     help="scale of the Gram matrices' off-diagonal entries (reduce_non_diagonal_ratio)",
 )
-BLOCKS = "transformer.resblocks"
 
 
 class _Captured(Exception):
-    """Stops a forward once the first block's input is recorded."""
+    """Stops the merged model's forward once the block under merge has been fed."""
 
 
 def merged_block(
@@ -80,6 +97,7 @@ def merged_block(
 @torch.no_grad()
 def layerwise_grams(
     model: nn.Module,
+    blocks: Sequence[str],
     base: Mapping[str, Tensor],
     experts: Sequence[Mapping[str, Tensor]],
     batches: Sequence[Iterable[Any]],
@@ -88,51 +106,43 @@ def layerwise_grams(
 ) -> dict[str, Tensor]:
     """The Grams [T, in, in] of every block's linear weights, RegMean++'s way.
 
-    ``model`` holds the experts' mean (the merged embeddings); its blocks are replaced by the
-    merged ones as they are decided. ``batches[t]`` are task t's inputs, which
-    ``run(model, batch)`` feeds through the model.
+    ``model`` holds the experts' mean (the merged embeddings); its ``blocks`` (module
+    names, in forward order) are replaced by the merged ones as they are decided.
+    ``batches[t]`` are task t's inputs, which ``run(model, batch)`` feeds through the model.
+    Task t's copy of block i is fed exactly the call the merged model makes to its block i
+    (a forward pre-hook hands it the same arguments, then stops the forward): the hidden
+    states of the merged blocks below, and whatever else the model passes its blocks.
     """
-    blocks = dict(model.named_modules()).get(BLOCKS)
-    if not isinstance(blocks, nn.ModuleList) or not len(blocks):
-        raise ValueError(f"regmean_pp needs a backbone with a {BLOCKS!r} list of blocks")
-    streams: list[list[Tensor]] = []
-    for task_batches in batches:
-        captured: list[Tensor] = []
-
-        def capture(_module, args, kwargs, captured=captured):
-            if kwargs.get("attn_mask") is not None:
-                raise ValueError("regmean_pp supports blocks without attention masks only")
-            captured.append(args[0].detach().clone())
-            raise _Captured
-
-        handle = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            for batch in task_batches:
-                try:
-                    run(model, batch)
-                except _Captured:
-                    pass
-        finally:
-            handle.remove()
-        streams.append(captured)
+    modules = dict(model.named_modules())
     grams: dict[str, Tensor] = {}
-    for index, block in enumerate(blocks):
-        prefix = f"{BLOCKS}.{index}."
+    for name in blocks:
+        block, prefix = modules[name], f"{name}."
         per_task = []
-        for expert, stream in zip(experts, streams, strict=True):
+        for expert, task_batches in zip(experts, batches, strict=True):
             tuned = copy.deepcopy(block)
             tuned.load_state_dict(
                 {k[len(prefix) :]: v for k, v in expert.items() if k.startswith(prefix)}
             )
+
+            def feed(_module, args, kwargs, tuned=tuned):
+                tuned(*args, **kwargs)
+                raise _Captured
+
             with statistics.recording_grams(tuned, prefix) as (columns, _):
-                for x in stream:
-                    tuned(x)
+                handle = block.register_forward_pre_hook(feed, with_kwargs=True)
+                try:
+                    for batch in task_batches:
+                        try:
+                            run(model, batch)
+                        except _Captured:
+                            pass
+                finally:
+                    handle.remove()
             per_task.append(columns.grams())
         for key in per_task[0]:
             grams[key] = torch.stack([g[key] for g in per_task])
         merged = merged_block(prefix, base, experts, grams, alpha)
         block.load_state_dict({k[len(prefix) :]: v for k, v in merged.items()})
-        streams = [[block(x) for x in stream] for stream in streams]
     return grams
 
 
@@ -148,6 +158,7 @@ def adapt(request: AdaptRequest, alpha: float) -> AdaptResult:
         {**request.base, **{k: v.to(request.base[k].dtype) for k, v in mean.items()}}
     )
     model.eval()
+    blocks = residual_blocks(bench, model)
     heads = {t: bench.task_model(t, model) for t in tasks}
     batches = []
     for task in tasks:
@@ -160,7 +171,7 @@ def adapt(request: AdaptRequest, alpha: float) -> AdaptResult:
 
     device_base = {k: v.to(bench.device) for k, v in base.items()}
     device_experts = [{k: v.to(bench.device) for k, v in e.items()} for e in experts]
-    grams = layerwise_grams(model, device_base, device_experts, batches, run, alpha)
+    grams = layerwise_grams(model, blocks, device_base, device_experts, batches, run, alpha)
     return AdaptResult({k: v.cpu() for k, v in grams.items()})
 
 

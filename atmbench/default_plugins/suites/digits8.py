@@ -32,7 +32,7 @@ from atmbench.finetune import Recipe
 from atmbench.heads import Classifier, CosineHead, class_prototypes
 from atmbench.hookspecs import hookimpl
 from atmbench.metrics import ACCURACY, Metric
-from atmbench.suite import Suite
+from atmbench.suite import Suite, blocks_of
 
 if TYPE_CHECKING:
     from open_clip.transformer import VisionTransformer
@@ -182,6 +182,9 @@ class DigitsBenchmark(EmbeddedBenchmark):
 
     def head(self, task: str) -> nn.Module:
         return self._heads[task]
+
+    def residual_blocks(self, backbone: nn.Module) -> list[str]:
+        return blocks_of(backbone, "transformer.resblocks")
 
     def task_model(
         self, task: str, backbone: nn.Module, private: dict[str, Tensor] | None = None

@@ -48,7 +48,7 @@ from atmbench.finetune import Recipe
 from atmbench.generative import GenerativeTask, encode_example
 from atmbench.hookspecs import hookimpl
 from atmbench.metrics import CHAR_ACCURACY, EXACT_MATCH, Metric
-from atmbench.suite import Suite
+from atmbench.suite import Suite, blocks_of
 
 SUITE = "text8"
 VERSION = "2"
@@ -225,6 +225,11 @@ class TextBenchmark(EmbeddedBenchmark):
 
     def metrics(self, task: str) -> tuple[Metric, ...]:
         return (EXACT_MATCH, CHAR_ACCURACY)
+
+    def residual_blocks(self, backbone: nn.Module) -> list[str]:
+        """The Llama's decoder layers (each is also handed rotary position embeddings and
+        the causal mask by the model)."""
+        return blocks_of(backbone, "model.layers")
 
 
 @hookimpl

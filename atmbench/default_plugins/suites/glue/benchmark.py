@@ -16,7 +16,7 @@ from atmbench.default_plugins.suites.glue.tasks import SUITES, TASKS
 from atmbench.default_plugins.suites.vision.data import validation_split
 from atmbench.finetune import Recipe
 from atmbench.metrics import Metric
-from atmbench.suite import IGNORE, TaskModel
+from atmbench.suite import IGNORE, TaskModel, blocks_of
 
 VERSION = "1"
 """Bump when data handling, prompts, heads or recipes change: it invalidates caches."""
@@ -111,6 +111,9 @@ class GlueBenchmark:
 
     def metrics(self, task: str) -> tuple[Metric, ...]:
         return m.metrics(TASKS[task], self.spec.family)
+
+    def residual_blocks(self, backbone: nn.Module) -> list[str]:
+        return blocks_of(backbone, *m.BLOCKS[self.spec.family])
 
     def import_experts(self, source: str) -> dict[str, dict[str, Tensor]]:
         """Published fine-tuned models per task (see :mod:`.experts`)."""

@@ -55,6 +55,9 @@ MAX_LENGTH = 512
 """Input tokens kept (FusionBench truncates to 512 for every family)."""
 GENERATE_MAX_LENGTH = 10
 FAMILIES = ("t5", "roberta", "gpt2")
+BLOCKS = {"t5": ("encoder.block", "decoder.block"), "roberta": ("encoder.layer",), "gpt2": ("h",)}
+"""Each family's lists of residual blocks in the shared module, in the order a forward runs
+them (T5: the whole encoder before the decoder)."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from atmbench.evaluate import score
 from atmbench.finetune import Recipe, state_on_cpu
 from atmbench.generative import GenerativeTask
 from atmbench.metrics import ACCURACY, Metric
-from atmbench.suite import IGNORE, Batch, SuiteDataError
+from atmbench.suite import IGNORE, Batch, SuiteDataError, blocks_of
 
 SUITE = "mergebench5"
 VERSION = "1"
@@ -202,6 +202,10 @@ class MergeBenchmark:
 
     def metrics(self, task: str) -> tuple[Metric, ...]:
         return (TOKEN_ACCURACY,)
+
+    def residual_blocks(self, backbone: nn.Module) -> list[str]:
+        """The decoder layers (``model.layers`` in Llama, Gemma, Qwen and Mistral)."""
+        return blocks_of(backbone, f"{backbone.base_model_prefix}.layers")
 
     def score(self, task: str, split: str, model: GenerativeTask) -> dict[str, float]:
         """``score`` (stored and ranked) first, then each lm-eval task's score on test.

@@ -25,7 +25,7 @@ from atmbench.default_plugins.suites.vision.zeroshot import (
 from atmbench.finetune import Recipe, state_on_cpu
 from atmbench.heads import Classifier, CosineHead
 from atmbench.metrics import ACCURACY, Metric
-from atmbench.suite import SuiteDataError
+from atmbench.suite import SuiteDataError, blocks_of
 
 VERSION = "3"
 """Bump when data handling, heads or recipes change: it invalidates caches.
@@ -161,6 +161,9 @@ class VisionBenchmark:
 
     def head(self, task: str) -> nn.Module:
         return self._heads[task]
+
+    def residual_blocks(self, backbone: nn.Module) -> list[str]:
+        return blocks_of(backbone, "transformer.resblocks")
 
     def task_model(
         self, task: str, backbone: nn.Module, private: dict[str, Tensor] | None = None
