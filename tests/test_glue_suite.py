@@ -381,20 +381,27 @@ def test_fine_tune_merge_evaluate_through_the_runner(
         assert "shared.weight" in merged and "encoder.embed_tokens.weight" not in merged
 
 
-def test_atm_and_regmean_on_a_language_suite(tiny, mirror, tmp_path, register, monkeypatch):
+def test_atm_regmean_and_regmean_pp_on_a_language_suite(
+    tiny, mirror, tmp_path, register, monkeypatch
+):
     monkeypatch.setenv("ATMBENCH_HOME", str(tmp_path))
     tasks = ("rte", "sst2")
     store = ResultStore(tmp_path / "results.sqlite")
     ws = runner.Workspace(tmp_path, torch.device("cpu"), progress=False)
     model = str(tiny["roberta"])
     with register(_suite_plugin(tiny, "roberta", tasks), "glue_roberta"):
-        cells = runner.plan("glue_roberta", model, ["regmean", "atm:iterations=1"], [0])
+        specs = ["regmean", "regmean_pp:alpha=0.95", "atm:iterations=1"]
+        cells = runner.plan("glue_roberta", model, specs, [0])
         cells = [c for c in cells if c.method not in ("mtl",)]
         summary = run_local(cells, store, ws)
     assert summary.failed == [], summary.failed
     rows = store.frame("test")
-    assert set(rows.method) >= {"regmean", "atm:iterations=1"}
-    assert len(rows[rows.method == "regmean"]) == 2
+    assert set(rows.method) >= {"regmean", "regmean_pp:alpha=0.95", "atm:iterations=1"}
+    assert (
+        len(rows[rows.method == "regmean"])
+        == len(rows[rows.method == "regmean_pp:alpha=0.95"])
+        == 2
+    )
     assert all(0 <= a <= 100 for a in rows.accuracy)
 
 
