@@ -81,8 +81,13 @@ MODELS: dict[str, ModelSpec] = {
     "gpt2": ModelSpec("gpt2", "openai-community/gpt2", "gpt2", "{prefix}_{task}"),
 }
 """FusionBench names its experts ``tanganke/flan-t5-base_glue-cola`` (Flan-T5, full and
-``_lora-16``) and ``tanganke/gpt2_cola`` (GPT-2, seven tasks: no STS-B); no RoBERTa
-experts of theirs are named in FusionBench's configs, so RoBERTa follows the Flan-T5 form."""
+``_lora-16``: ``config/model/flan-t5/*.yaml``) and ``tanganke/gpt2_cola`` (GPT-2, seven
+tasks: no STS-B). Its RoBERTa hub ids are unpublished: ``config/modelpool/
+SequenceClassificationModelPool/roberta-base_glue.yaml`` (last changed 2025-08-13, a5fe433)
+lists the pretrained ``roberta-base`` and experts ``roberta_glue-<task>`` from a
+``/model/roberta`` config group that no branch of tanganke/fusion_bench contains (checked at
+54c9e8c), and no other file names a RoBERTa repository. So RoBERTa's ``{prefix}_glue-{task}``
+(e.g. ``tanganke/roberta-base_glue-cola``) is the Flan-T5 form, unverified."""
 
 
 def parse_model(model: str) -> ModelSpec:
