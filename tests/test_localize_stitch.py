@@ -146,3 +146,12 @@ def test_shots_take_the_first_of_each_class_shuffled_and_capped(monkeypatch):
     assert ls.shots(dataset, 0, "t") == picked
     monkeypatch.setattr(ls, "CAP", 3)
     assert ls.shots(dataset, 0, "t") == picked[:3]
+
+
+def test_shots_of_a_task_without_classes_are_its_first_examples(monkeypatch):
+    # a language model's label is its answer's tokens, no class: the task is one class
+    answers = torch.arange(7 * 3).reshape(7, 3)
+    dataset = TensorDataset(torch.zeros(7, 1), answers)
+    monkeypatch.setattr(ls, "SHOTS", 4)
+    picked = ls.shots(dataset, 0, "t")
+    assert sorted(picked) == [0, 1, 2, 3] and picked != [0, 1, 2, 3]  # shuffled

@@ -24,6 +24,12 @@ Departures: the official scripts evaluate the grafted model on the training shot
 only by pinning it. With no batch in an epoch (``epochs=0``) the mask is the initial top-k,
 the paper's dataless variant (its script's 10%: ``localize_stitch:epochs=0,sparsity=0.1``),
 which reads no data (its row still says ``train``: the data class is the method's).
+
+Language models (text8, any causal LM): the mask trains on the suite's own training loss
+(``TaskModel.loss``: cross-entropy over the answer tokens, as the experts were tuned), as
+for images. The shots are per class, and a generated answer is no class: a task whose
+labels are token sequences counts as one class, so its shots are its first 64 training
+examples, shuffled (the paper's few-shot budget per class, the official code's order).
 """
 
 from __future__ import annotations
@@ -110,19 +116,28 @@ def stitch_weights(masks: Tensor) -> Tensor:
 
 
 def shots(dataset, seed: int, task: str) -> list[int]:
-    """The first ``SHOTS`` indices of each class in dataset order, shuffled, capped at ``CAP``."""
+    """The first ``SHOTS`` indices of each class in dataset order, shuffled, capped at ``CAP``.
+
+    An item's class is its label (``dataset.targets``, or the item's last tensor) when that
+    is one value; a label of several values (a language model's answer tokens) is no class,
+    and such a task counts as one class: its first ``SHOTS`` examples.
+    """
     labels = getattr(dataset, "targets", None)
     if labels is None:
-        labels = [int(dataset[i][-1]) for i in range(len(dataset))]
-    counts: dict[int, list[int]] = {}
+        labels = [_class_of(dataset[i][-1]) for i in range(len(dataset))]
+    counts: dict[int | None, list[int]] = {}
     for index, label in enumerate(labels):
-        picked = counts.setdefault(int(label), [])
+        picked = counts.setdefault(None if label is None else int(label), [])
         if len(picked) < SHOTS:
             picked.append(index)
     chosen = [i for picked in counts.values() for i in picked]
     generator = torch.Generator().manual_seed(derive(seed, "localize shots", task))
     order = torch.randperm(len(chosen), generator=generator).tolist()
     return [chosen[i] for i in order][:CAP]
+
+
+def _class_of(label: Tensor) -> int | None:
+    return int(label) if label.numel() == 1 else None
 
 
 def adapt(request: AdaptRequest, sparsity: float, lr: float, l1: float, epochs: int) -> AdaptResult:
