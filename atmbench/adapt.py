@@ -6,13 +6,14 @@ merged model itself, with its coefficients as the only trainable parameters, on 
 split's inputs. ``adapt`` gets the loaded benchmark and the task vectors, and returns the
 state that ``merge`` then reads parameter by parameter (``ctx.state``).
 
-Test inputs come through :func:`unlabeled_test_batches` only: batches whose labels have
-been replaced by ``IGNORE``, so a method cannot read them by accident.
+Test inputs come through :func:`unlabeled_test_batches` only: batches whose labels (every
+tensor that is not an input: see :func:`without_labels`) have been replaced by ``IGNORE``,
+so a method cannot read them by accident.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,11 +49,14 @@ class AdaptResult:
     """Compute spent (forward and backward passes), counted in the row's compute column."""
 
 
-def without_labels(batch: Batch) -> Batch:
-    """The batch with its last tensor (the labels, by the datasets' convention: an item is
-    ``(inputs..., labels)``) replaced by ``IGNORE`` everywhere."""
-    *inputs, labels = batch
-    return [*inputs, torch.full_like(labels, IGNORE)]
+def without_labels(batch: Batch, inputs: Sequence[int] | None = None) -> Batch:
+    """The batch with every tensor but its ``inputs`` (positions) replaced by ``IGNORE``
+    everywhere; by default all but the last (the datasets' convention: an item is
+    ``(inputs..., labels)``). A language model's items carry the answer in more than one
+    tensor, so their datasets say which hold none (``inputs``, e.g.
+    :data:`atmbench.generative.INPUTS`)."""
+    keep = range(len(batch) - 1) if inputs is None else inputs
+    return [t if i in keep else torch.full_like(t, IGNORE) for i, t in enumerate(batch)]
 
 
 def unlabeled_test_batches(
@@ -65,10 +69,13 @@ def unlabeled_test_batches(
     be short.
     """
     dataset = bench.dataset(task, "test")
+    if len(dataset) == 0:
+        raise ValueError(f"task {task!r} of suite {bench.suite!r} has no test inputs to adapt on")
+    inputs = getattr(dataset, "inputs", None)
     collate = getattr(dataset, "collate", None) or torch.utils.data.default_collate
     generator = torch.Generator().manual_seed(derive(seed, "test-time adaptation", task))
     while True:
         order = torch.randperm(len(dataset), generator=generator).tolist()
         for start in range(0, len(order), batch_size):
             batch = collate([dataset[i] for i in order[start : start + batch_size]])
-            yield [t.to(bench.device) for t in without_labels(list(batch))]
+            yield [t.to(bench.device) for t in without_labels(list(batch), inputs)]

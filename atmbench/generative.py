@@ -9,7 +9,9 @@ fixed-length token tensors, so that batches of different tasks stack (``mtl``):
 * ``answer``: the reference answer's tokens, right-padded.
 
 Training reads the first two (cross-entropy on the answer tokens only); evaluation
-generates greedily from ``prompt`` and compares the decoded text with ``answer``'s.
+generates greedily from ``prompt`` and compares the decoded text with ``answer``'s; a
+method that must not see the answers (test-time adaptation) gets ``prompt`` alone
+(:data:`INPUTS`).
 Right padding needs no attention mask in a causal model (padding only follows the scored
 tokens), which keeps the forward pass a pure function of the tokens: ``torch.func``
 differentiates it per example for the Fisher statistic.
@@ -26,6 +28,9 @@ from atmbench.suite import IGNORE, Batch, TaskModel
 
 Decode = Callable[[Sequence[int]], str]
 """Token ids (without padding and end token) -> text."""
+INPUTS = (2,)
+"""Positions in an item of the tensors that hold no part of the answer (``prompt``): a
+dataset's ``inputs`` attribute, read by :func:`atmbench.adapt.without_labels`."""
 
 
 def encode_example(
@@ -68,6 +73,27 @@ class GenerativeTask(TaskModel):
     def logits(self, features: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         """Position i predicts token i + 1."""
         return features[:, :-1].float(), batch[1][:, 1:]
+
+    def unlabeled_features(self, batch: Batch) -> Tensor:
+        """Next-token logits [examples, vocabulary] after the prompt, computed as the first
+        step of greedy generation (``predict``) computes them: the left-padded prompt under
+        its attention mask, positions counted from its first real token."""
+        prompt = batch[2]
+        mask = (prompt != self.pad).long()
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = self.backbone(input_ids=prompt, attention_mask=mask, position_ids=positions)
+        return out.logits[:, -1]
+
+    def prediction_logits(self, features: Tensor, batch: Batch) -> Tensor:
+        """The first answer token's distribution, from the prompt alone.
+
+        A generated answer is a sequence, and its entropy has no closed form; its first
+        token is the one prediction the prompt alone determines, the one every later token
+        conditions on, and costs one forward pass of the prompt. FusionBench's AdaMerging
+        for Flan-T5 reads the same position (the decoder's first step). Later positions
+        would need the model's own greedy answer, regenerated under every new merge.
+        """
+        return features.float()
 
     def _text(self, ids: Tensor) -> str:
         tokens = []

@@ -74,6 +74,27 @@ class TaskModel(nn.Module):
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor]:
         return self.logits(self.features(batch), batch)
 
+    def unlabeled_features(self, batch: Batch) -> Any:
+        """What ``prediction_logits`` reads, computed from the batch's inputs alone (its
+        labels may be blanked): ``features``, unless those feed the answers in (teacher
+        forcing). The same for every task, like ``features``."""
+        return self.features(batch)
+
+    def prediction_logits(self, features: Any, batch: Batch) -> Tensor:
+        """Logits [examples, classes] of the distribution each example's prediction is drawn
+        from, without labels: what test-time adaptation (AdaMerging's entropy) reads.
+
+        By default the ``logits`` of a task that scores one position per example; a task
+        that scores several (a language model's answer tokens) defines its own.
+        """
+        logits, _ = self.logits(features, batch)
+        if logits.dim() != 2:
+            raise ValueError(
+                f"{type(self).__name__} scores logits of shape {tuple(logits.shape)}, not one "
+                "prediction per example, and defines no prediction_logits"
+            )
+        return logits
+
     def loss(self, batch: Batch, features: Any = None) -> Tensor:
         """Mean training loss over the batch's scored positions (``features`` if computed)."""
         logits, labels = self.logits(self.features(batch) if features is None else features, batch)
@@ -144,6 +165,9 @@ class Benchmark(Protocol):
         ``device_batches(batch_size, device, generator=None, drop_last=False)`` method
         yielding whole batches already on ``device`` (in order, or shuffled and augmented
         from ``generator``): evaluation and training then use it instead of a ``DataLoader``.
+        It may carry ``inputs``, the positions in an item of the tensors that hold no part of
+        the label (default: all but the last), which are all a method that must not see the
+        labels is handed (:func:`atmbench.adapt.unlabeled_test_batches`).
         """
 
     def recipe(self, task: str) -> Recipe:

@@ -19,8 +19,8 @@
 #   SEEDS     default 0,1,2
 #   MODEL     default: the suite's first model (with several SUITES, it must fit them all)
 #   RUN_ARGS  extra `atmbench run` arguments, e.g. "--device cuda" or "--executor multi-gpu"
-#   SKIP_<suite>  method names left out of that suite's grid (default for text8: the
-#             methods that do not run on a language model yet, see tests/test_text8_methods.py)
+#   SKIP_<suite>  space-separated method names left out of that suite's grid (default: none;
+#             every method runs on text8, see tests/test_text8_methods.py)
 #   OUT       default leaderboards
 #   ATMBENCH_HOME  default: a fresh temporary directory, so no stale expert or cell leaks in
 set -euo pipefail
@@ -30,7 +30,6 @@ SUITES=${SUITES:-"digits8 text8"}
 SEEDS=${SEEDS:-0,1,2}
 OUT=${OUT:-leaderboards}
 REFINED=${REFINED:-"ta ties tsv"}
-SKIP_text8=${SKIP_text8-"adamerging adamerging_layer localize_stitch"}
 export ATMBENCH_HOME=${ATMBENCH_HOME:-$(mktemp -d -t atmbench-leaderboards.XXXXXX)}
 
 # Every method, every refiner that can start from the base alone (atm; lines only refines

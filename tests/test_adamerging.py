@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ import atmbench
 from atmbench import registry
 from atmbench.adapt import AdaptRequest, unlabeled_test_batches
 from atmbench.default_plugins.methods import adamerging
+from atmbench.generative import INPUTS, GenerativeTask, encode_example
 from atmbench.method import DATA_ACCESS, FloatingOnly, InMemoryTaskVectors
 from atmbench.spec import SpecError
 from atmbench.streaming import merged_task_vector
@@ -191,9 +193,7 @@ def test_needs_the_runner_and_one_prediction_per_example():
             model.logits = lambda f, b: (logits(f, b)[0][:, None], b[1])
             return model
 
-    with pytest.raises(
-        ValueError, match="one prediction per example; task 'a'.*shape \\(3, 1, 3\\)"
-    ):
+    with pytest.raises(ValueError, match="shape \\(3, 1, 3\\), not one prediction per example"):
         method.adapt(_toy_request(Tokens()), steps=1, lr=1e-3, init=0.3, batch_size=3)
 
 
@@ -240,3 +240,60 @@ def test_a_run_records_test_unlabeled_and_the_adaptation_compute(use_shared_home
     text = CliRunner().invoke(cli, ["leaderboard", "--data", "test-unlabeled"]).output
     assert "adamerging_layer:steps=4" in text and "ta:lam=0.3" not in text
     assert "test-unlabeled" in text
+
+
+class _Bigram(nn.Module):
+    """A causal LM whose next-token logits are the row of ``w`` of the current token."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(vocab, vocab))
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return SimpleNamespace(logits=self.w[input_ids])
+
+
+class _BigramBench:
+    """One generative task: prompts ``= =`` and ``=`` (token 2), answers ``1 1`` (token 1)."""
+
+    suite, tasks, device = "bigram", ("t",), torch.device("cpu")
+
+    def base_state(self):
+        return {"w": torch.zeros(4, 4)}
+
+    def backbone(self, state=None):
+        module = _Bigram(4)
+        module.load_state_dict(state or self.base_state())
+        return module
+
+    def task_model(self, task, backbone, private=None):
+        return GenerativeTask(backbone, str, pad=0, eos=3)
+
+    def dataset(self, task, split):
+        rows = [encode_example(p, [1, 1], (2, 3), 0, 3) for p in ([2, 2], [2])]
+        data = TensorDataset(*(torch.stack(c) for c in zip(*rows, strict=True)))
+        data.inputs = INPUTS
+        return data
+
+
+def test_language_model_entropy_is_the_first_answer_tokens_from_the_prompt_alone():
+    # θ0 = 0, τ: row 2 (the prompts' last token "=") = (1, -1, 0, 0); rows 1 and 3 (answer
+    # and end tokens, which a teacher-forced pass would read) are large. Both prompts end in
+    # "=" (one left-padded), so each prediction is softmax(0.3 · (1, -1, 0, 0)): its entropy
+    # is the loss, and a larger λ sharpens it (dH/dλ < 0), so Adam's first step adds lr.
+    bench = _BigramBench()
+    tau = torch.zeros(4, 4)
+    tau[2] = torch.tensor([1.0, -1.0, 0.0, 0.0])
+    tau[1], tau[3] = torch.tensor([9.0, 0, 0, 0]), torch.tensor([0, 0, 0, 9.0])
+    vectors = FloatingOnly(InMemoryTaskVectors({"t": {"w": tau}}), bench.base_state())
+    request = AdaptRequest(bench, bench.base_state(), vectors, seed=0)
+    forward = adamerging._forward(request)
+    step = {"t": next(unlabeled_test_batches(bench, "t", 0, 2))}
+    assert [(t == IGNORE).all().item() for t in step["t"]] == [True, True, False, True]
+    logits = forward({"w": 0.3 * tau}, step)["t"]
+    assert logits.tolist() == [pytest.approx([0.3, -0.3, 0.0, 0.0])] * 2
+    p = torch.softmax(torch.tensor([0.3, -0.3, 0.0, 0.0]), 0)
+    assert adamerging.entropy(logits).item() == pytest.approx(-(p * p.log()).sum().item())
+    result = adamerging.adapt(request, steps=1, lr=0.01, init=0.3, batch_size=2, layerwise=False)
+    assert result.state["w"].tolist() == pytest.approx([0.31], abs=1e-7)
+    assert (result.stats.steps, result.stats.examples) == (1, 2)

@@ -17,6 +17,7 @@ import random
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
@@ -25,7 +26,9 @@ tokenizers = pytest.importorskip("tokenizers")
 from click.testing import CliRunner  # noqa: E402
 
 from atmbench import runner  # noqa: E402
+from atmbench.adapt import AdaptRequest, without_labels  # noqa: E402
 from atmbench.cli import cli  # noqa: E402
+from atmbench.default_plugins.methods import adamerging  # noqa: E402
 from atmbench.default_plugins.suites.glue import data  # noqa: E402
 from atmbench.default_plugins.suites.glue import models as m  # noqa: E402
 from atmbench.default_plugins.suites.glue.benchmark import GlueBenchmark  # noqa: E402
@@ -35,6 +38,7 @@ from atmbench.evaluate import evaluate  # noqa: E402
 from atmbench.executors.local import run_local  # noqa: E402
 from atmbench.finetune import Recipe, _lr_lambda  # noqa: E402
 from atmbench.hookspecs import hookimpl  # noqa: E402
+from atmbench.method import FloatingOnly, InMemoryTaskVectors  # noqa: E402
 from atmbench.store import ResultStore  # noqa: E402
 from atmbench.suite import PRIVATE, Suite, SuiteDataError  # noqa: E402
 
@@ -379,6 +383,29 @@ def test_fine_tune_merge_evaluate_through_the_runner(
         assert len(rows[rows.method == "mtl"]) == 2
     if family == "t5":  # T5's tied embedding is one tensor: stored and merged once
         assert "shared.weight" in merged and "encoder.embed_tokens.weight" not in merged
+
+
+def test_text_to_text_adamerging_reads_the_first_answer_token(tiny, mirror, tmp_path):
+    b = bench(tiny, tmp_path, "t5", ("cola", "rte"))
+    model = b.task_model("rte", b.backbone())
+    labeled = next(
+        iter(DataLoader(b.dataset("rte", "test"), 4, collate_fn=b.dataset("rte", "test").collate))
+    )
+    unlabeled = without_labels(list(labeled))
+    with torch.no_grad():
+        got = model.prediction_logits(model.unlabeled_features(unlabeled), unlabeled)
+        forced, _ = model(list(labeled))  # teacher forcing starts from the decoder start token
+    assert torch.allclose(got, forced[:, 0], atol=1e-5)
+    base = b.base_state()
+    gen = torch.Generator().manual_seed(0)
+    vectors = {
+        t: {k: 0.02 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for t in b.tasks
+    }
+    request = AdaptRequest(b, base, FloatingOnly(InMemoryTaskVectors(vectors), base), seed=0)
+    state = adamerging.adapt(request, steps=2, lr=0.05, init=0.3, batch_size=4, layerwise=False)
+    weights = next(iter(state.state.values()))
+    assert weights.shape == (2,) and torch.isfinite(weights).all()
+    assert (weights - 0.3).abs().min() > 0.01  # Adam's steps move every coefficient
 
 
 def test_atm_regmean_and_regmean_pp_on_a_language_suite(

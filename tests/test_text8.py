@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from atmbench import leaderboard, runner, statistics
+from atmbench.adapt import unlabeled_test_batches, without_labels
 from atmbench.default_plugins.suites import text8
 from atmbench.evaluate import evaluate
 from atmbench.executors.local import run_local
-from atmbench.generative import encode_example
+from atmbench.generative import INPUTS, encode_example
 from atmbench.metrics import CHAR_ACCURACY
 from atmbench.store import ResultStore
 from atmbench.suite import IGNORE
@@ -111,6 +112,33 @@ def test_loss_reads_answer_tokens_only(bench):
     pad_positions = batch[0] == text8.PAD
     changed[0][pad_positions] = text8.TOKEN["a"]  # padding follows the answer: never scored
     assert torch.allclose(model.loss(batch), model.loss(changed))
+
+
+def test_test_time_adaptation_reads_the_prompt_and_its_first_answer_token(bench):
+    # the unlabeled batches keep the prompt alone; input_ids, labels and answer are blanked
+    batch = next(unlabeled_test_batches(bench, "sort", seed=0, batch_size=5))
+    assert [(t == IGNORE).all().item() for t in batch] == [True, True, False, True]
+    input_ids, _, prompts, _ = bench.dataset("sort", "test").tensors
+    assert {tuple(p) for p in batch[2].tolist()} <= {tuple(p) for p in prompts.tolist()}
+    # the prediction is the next-token distribution after the left-padded prompt: what a
+    # teacher-forced pass gives at the prompt's last token, and what generation emits first
+    model = bench.task_model("sort", bench.backbone())
+    labeled = [t[:6] for t in bench.dataset("sort", "test").tensors]
+    unlabeled = without_labels(labeled, INPUTS)
+    with torch.no_grad():
+        got = model.prediction_logits(model.unlabeled_features(unlabeled), unlabeled)
+        last = (labeled[2] != text8.PAD).sum(1) - 1
+        forced = model.backbone(input_ids=labeled[0]).logits[torch.arange(6), last]
+        first = model.backbone.generate(
+            input_ids=labeled[2],
+            attention_mask=(labeled[2] != text8.PAD).long(),
+            max_new_tokens=1,
+            do_sample=False,
+            pad_token_id=text8.PAD,
+        )[:, -1]
+    assert got.shape == (6, len(text8.SYMBOLS))
+    assert torch.allclose(got, forced, atol=1e-5)
+    assert torch.equal(got.argmax(-1), first)
 
 
 def test_fisher_and_gram_statistics_on_the_language_model(bench):

@@ -26,10 +26,25 @@ Departures, each a hyperparameter:
 - The official code also clamps λ to [0, 1] and takes 2 batches per task per step; neither
   is done here, as in FusionBench.
 
+Language models (text8, Flan-T5, any causal LM): a prediction is a generated answer, and
+the suite contract says which distribution stands for it (``TaskModel.prediction_logits``,
+read from ``unlabeled_features``): the **first answer token's** next-token distribution,
+computed from the prompt alone as greedy generation's first step computes it. That is the
+position FusionBench's AdaMerging for Flan-T5 reads (``flan_t5_layer_wise_adamerging.py``:
+the decoder's first step), it is the one token every later one conditions on, and it costs
+one forward pass of the prompt; the entropy of a whole answer has no closed form, and the
+later positions would need the model's own greedy answer regenerated under every new
+merge. The unlabeled batches hold the prompt only (the datasets' ``inputs``), so neither the
+answer nor its tokens in a teacher-forced input reach the method. Departure from
+FusionBench's Flan-T5 code: it averages the logits over the batch before taking the entropy
+(one entropy per batch, which pushes every prompt towards the same first token); here, as in
+its CLIP and GPT-2 code and the paper, each example's entropy is taken, then averaged.
+Classification suites read their class logits exactly as before; a regression head
+(RoBERTa's or GPT-2's STS-B) has no distribution and is refused with a one-line error.
+
 Other decisions: the task models run in eval mode (FusionBench calls ``train()``; CLIP's
 and digits8's encoders have no dropout, so nothing differs); frozen heads and task-private
-parameters are the experts' and never adapted; language suites whose tasks score more than
-one position per example are refused (their teacher-forced inputs contain the answers).
+parameters are the experts' and never adapted.
 """
 
 from __future__ import annotations
@@ -60,7 +75,8 @@ HPARAMS = (
 )
 
 Forward = Callable[[dict[str, Tensor], Mapping[str, Batch]], dict[str, Tensor]]
-"""``forward(shared parameters, {task: batch}) -> {task: logits [batch, classes]}``."""
+"""``forward(shared parameters, {task: batch}) -> {task: logits [batch, classes]}``: each
+example's ``prediction_logits``."""
 
 
 def entropy(logits: Tensor) -> Tensor:
@@ -139,29 +155,24 @@ def _forward(request: AdaptRequest) -> Forward:
             features = features.split([len(b[0]) for b in batches])
         else:
             features = [functional_call(features_of[t], named, (step[t],)) for t in bench.tasks]
-        out = {}
-        for task, batch, feats in zip(bench.tasks, batches, features, strict=True):
-            logits, _ = models[task].logits(feats, batch)
-            if logits.dim() != 2:
-                raise ValueError(
-                    f"adamerging needs one prediction per example; task {task!r} of suite "
-                    f"{bench.suite!r} scores logits of shape {tuple(logits.shape)}"
-                )
-            out[task] = logits.float()
-        return out
+        return {
+            task: models[task].prediction_logits(feats, batch).float()
+            for task, batch, feats in zip(bench.tasks, batches, features, strict=True)
+        }
 
     return forward
 
 
 class _Features(nn.Module):
-    """A task model whose forward is its ``features`` (the part that reads the backbone)."""
+    """A task model whose forward is its ``unlabeled_features`` (the part that reads the
+    backbone)."""
 
     def __init__(self, model: TaskModel):
         super().__init__()
         self.model = model
 
     def forward(self, batch: Batch) -> Any:
-        return self.model.features(batch)
+        return self.model.unlabeled_features(batch)
 
 
 def _stackable(batches: Sequence[Batch]) -> bool:

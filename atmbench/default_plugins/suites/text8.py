@@ -45,7 +45,7 @@ from torch.utils.data import ConcatDataset, TensorDataset
 
 from atmbench.default_plugins.suites.embedded import EmbeddedBenchmark
 from atmbench.finetune import Recipe
-from atmbench.generative import GenerativeTask, encode_example
+from atmbench.generative import INPUTS, GenerativeTask, encode_example
 from atmbench.hookspecs import hookimpl
 from atmbench.metrics import CHAR_ACCURACY, EXACT_MATCH, Metric
 from atmbench.suite import Suite, blocks_of
@@ -188,6 +188,7 @@ def _examples(
                 encode_example(prompt, encode(answer(text)), (PROMPT_LEN, ANSWER_LEN), PAD, EOS)
             )
         out[split] = TensorDataset(*(torch.stack(column) for column in zip(*rows, strict=True)))
+        out[split].inputs = INPUTS
     return out
 
 

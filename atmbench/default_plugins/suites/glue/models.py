@@ -210,6 +210,21 @@ class TextToText(TaskModel):
     def logits(self, features: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
         return features.float(), batch[2]
 
+    def unlabeled_features(self, batch: Batch) -> Tensor:
+        """The decoder's first-step logits [examples, vocabulary] from the input alone (the
+        decoder start token), as greedy generation's first step and FusionBench's
+        AdaMerging for Flan-T5 compute them."""
+        start = self.backbone.config.decoder_start_token_id
+        decoder_input_ids = torch.full((len(batch[0]), 1), start, device=batch[0].device)
+        out = self.backbone(
+            input_ids=batch[0], attention_mask=batch[1], decoder_input_ids=decoder_input_ids
+        )
+        return out.logits[:, 0]
+
+    def prediction_logits(self, features: Tensor, batch: Batch) -> Tensor:
+        """The first answer token's distribution (the label word's first token)."""
+        return features.float()
+
     @torch.no_grad()
     def predict(self, batch: Batch) -> tuple[list[str], list[str]]:
         """Greedy answers and references as text, special tokens dropped."""
