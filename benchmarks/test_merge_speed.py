@@ -165,8 +165,10 @@ def test_against_anchor(benchmark, tower, spec):
         lambda: figures.update(ours=_fresh_process(ours)), setup=setup, rounds=1, iterations=1
     )
     if BEFORE_SRC:
+        # the other checkout's own tower.py: today's may import modules it lacks
         env = {**os.environ, "PYTHONPATH": BEFORE_SRC}
-        figures["before"] = _fresh_process(ours, env)
+        before = [sys.executable, str(Path(BEFORE_SRC) / "benchmarks" / "tower.py"), *ours[2:]]
+        figures["before"] = _fresh_process(before, env)
     model_gb = base.stat().st_size / 2**30
     result = {
         "anchor": anchor,

@@ -48,7 +48,7 @@ from atmbench.default_plugins.methods.spectral import (
     alpha_scale,
     gram_eigh,
     is_matrix,
-    polars,
+    polar,
     singular_values_and_polar,
     top_triplets,
 )
@@ -99,7 +99,7 @@ def iso_cts_in_complement(task_vectors: Tensor, k: int, n: int) -> Tensor | None
     vh_c = (u_c.mT @ total) / s_c[:, None]
     u_t, s_t, vh_t = top_triplets(basis.mT @ task_vectors.double(), n)
     s = torch.cat([s_t, s_c])
-    p_t, p_vh = polars(u_t, torch.cat([vh_t, vh_c]))
+    p_t, p_vh = polar(u_t), polar(torch.cat([vh_t, vh_c]))
     p_u = torch.cat([basis @ p_t, u_c], 1)
     return (s.mean() * (p_u @ p_vh)).to(task_vectors.dtype)
 
@@ -120,7 +120,7 @@ def iso_cts(
     if n:
         u_t, s_t, vh_t = top_triplets(task_vectors, n, project_out=u)
         u, s, vh = torch.cat([u_t, u], 1), torch.cat([s_t, s]), torch.cat([vh_t, vh])
-    p_u, p_vh = polars(u, vh)
+    p_u, p_vh = polar(u), polar(vh)
     return s.mean() * (p_u @ p_vh)
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from atmbench.default_plugins.methods.spectral import alpha_scale, is_matrix, polars, top_triplets
+from atmbench.default_plugins.methods.spectral import alpha_scale, is_matrix, polar, top_triplets
 from atmbench.hookspecs import hookimpl
 from atmbench.method import MergeMethod, TensorContext
 
@@ -52,7 +52,7 @@ def tsv_merge(base: Tensor, task_vectors: Tensor, ctx: TensorContext) -> Tensor:
     if k == 0:
         return torch.zeros_like(base)
     u, s, vh = top_triplets(task_vectors, k)
-    p_u, p_vh = polars(u, vh)
+    p_u, p_vh = polar(u), polar(vh)
     return (p_u * s) @ p_vh
 
 
