@@ -27,12 +27,15 @@ validation or test data.
   normalise it. ``nn.MultiheadAttention`` applies ``out_proj`` without calling the
   submodule, so its input is recomputed from the attention inputs.
 - ``gram_rows``: the same for weights applied as y = x P, whose rows meet the input: open_clip
-  ``VisionTransformer.proj``, applied to the pooled features. Kept separate from ``gram``
-  because a square Gram cannot say on which side it belongs.
+  ``VisionTransformer.proj``, applied to the pooled features, and GPT-2's ``Conv1D`` maps
+  (``transformers``: weight [in, out], y = x P + b; FusionBench's ``RegMeanAlgorithmForGPT2``
+  takes their Grams with ``weight_transpose: false``). Kept separate from ``gram`` because a
+  square Gram cannot say on which side it belongs.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -195,6 +198,8 @@ def recording_grams(
     from open_clip.transformer import VisionTransformer
 
     columns, rows = _GramRecorder(), _GramRecorder()
+    # a model holding GPT-2's Conv1D has imported it; importing transformers here costs seconds
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
     modules = dict(root.named_modules())
     attention = {n: m for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
     for name, module in attention.items():
@@ -210,6 +215,10 @@ def recording_grams(
             elif isinstance(module, nn.Linear) and id(module) not in inside_attention:
                 key = path + "weight"
                 hook = lambda _m, args, key=key: columns.add(key, args[0])  # noqa: E731
+                stack.enter_context(module.register_forward_pre_hook(hook))
+            elif conv1d is not None and isinstance(module, conv1d):
+                key = path + "weight"
+                hook = lambda _m, args, key=key: rows.add(key, args[0])  # noqa: E731
                 stack.enter_context(module.register_forward_pre_hook(hook))
             elif isinstance(module, VisionTransformer) and module.proj is not None:
                 stack.enter_context(_recording_pool(module, rows, path + "proj"))

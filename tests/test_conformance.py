@@ -37,7 +37,9 @@ def _coefficients(base, tasks):
 LEARNED = {
     "adamerging": _coefficients,
     "adamerging_layer": _coefficients,
-    "regmean_pp": gram_like,  # the Grams it takes block by block
+    "regmean_pp": lambda base, tasks: {  # the Grams it takes block by block
+        k: {"gram": g} for k, g in gram_like(base, tasks).items()
+    },
     "localize_stitch": lambda base, tasks: {  # overlapping per-task masks
         k: torch.rand((len(tasks), *b.shape), generator=torch.Generator().manual_seed(i)) > 0.5
         for i, (k, b) in enumerate(base.items())

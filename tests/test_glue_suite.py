@@ -408,22 +408,23 @@ def test_text_to_text_adamerging_reads_the_first_answer_token(tiny, mirror, tmp_
     assert (weights - 0.3).abs().min() > 0.01  # Adam's steps move every coefficient
 
 
+@pytest.mark.parametrize("family", ["roberta", "gpt2"])  # GPT-2: Conv1D Grams (gram_rows)
 def test_atm_regmean_and_regmean_pp_on_a_language_suite(
-    tiny, mirror, tmp_path, register, monkeypatch
+    family, tiny, mirror, tmp_path, register, monkeypatch
 ):
     monkeypatch.setenv("ATMBENCH_HOME", str(tmp_path))
     tasks = ("rte", "sst2")
     store = ResultStore(tmp_path / "results.sqlite")
     ws = runner.Workspace(tmp_path, torch.device("cpu"), progress=False)
-    model = str(tiny["roberta"])
-    with register(_suite_plugin(tiny, "roberta", tasks), "glue_roberta"):
-        specs = ["regmean", "regmean_pp:alpha=0.95", "atm:iterations=1"]
-        cells = runner.plan("glue_roberta", model, specs, [0])
+    model = str(tiny[family])
+    specs = ["regmean", "regmean_pp:alpha=0.95"] + ["atm:iterations=1"] * (family == "roberta")
+    with register(_suite_plugin(tiny, family, tasks), f"glue_{family}"):
+        cells = runner.plan(f"glue_{family}", model, specs, [0])
         cells = [c for c in cells if c.method not in ("mtl",)]
         summary = run_local(cells, store, ws)
     assert summary.failed == [], summary.failed
     rows = store.frame("test")
-    assert set(rows.method) >= {"regmean", "regmean_pp:alpha=0.95", "atm:iterations=1"}
+    assert set(rows.method) >= set(specs)
     assert (
         len(rows[rows.method == "regmean"])
         == len(rows[rows.method == "regmean_pp:alpha=0.95"])

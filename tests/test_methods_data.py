@@ -9,6 +9,7 @@ import torch
 from open_clip.transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import TensorDataset
+from transformers.pytorch_utils import Conv1D
 
 import atmbench
 from atmbench import registry, statistics
@@ -204,6 +205,20 @@ def test_gram_rows_of_open_clip_proj_is_the_pooled_features_gram():
     layers = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     assert set(columns) == {f"transformer.resblocks.0.{k}" for k in layers}
     assert "_pool" not in vars(vit)  # the recording wrapper is gone afterwards
+
+
+def test_gram_rows_of_gpt2_conv1d_is_xtx_of_its_inputs():
+    """GPT-2's Conv1D (weight [in, out], y = x W + b) is RegMean's too, on its rows' side."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(4, 3), nn.ReLU(), Conv1D(2, 4))
+    x = torch.randn(2, 5, 3)  # 2 sequences of 5 tokens: 10 rows
+    rows = statistics.compute("gram_rows", TinyBench(x), _task(model), "t", 0)
+    assert statistics.compute("gram", TinyBench(x), _task(model), "t", 0) == {}
+    assert set(rows) == {"0.weight", "2.weight"} and rows["0.weight"].shape == (3, 3)
+    assert torch.allclose(rows["0.weight"], _gram(x.reshape(-1, 3)), atol=1e-6)
+    with torch.no_grad():
+        hidden = torch.relu(model[0](x))
+    assert torch.allclose(rows["2.weight"], _gram(hidden.reshape(-1, 4)), atol=1e-6)
 
 
 def test_fisher_diagonal_is_the_squared_log_likelihood_gradient():

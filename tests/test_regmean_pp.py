@@ -10,6 +10,7 @@ import transformers
 from open_clip.transformer import QuickGELU, VisionTransformer
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from atmbench import registry
 from atmbench.adapt import AdaptRequest
@@ -135,7 +136,8 @@ def test_second_blocks_grams_see_the_merged_first_block_not_the_experts():
     hook.remove()
     x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs])
     expected = x.T @ x / len(x)
-    assert torch.allclose(grams["transformer.resblocks.1.mlp.c_fc.weight"][0], expected, atol=1e-6)
+    gram = grams["transformer.resblocks.1.mlp.c_fc.weight"]["gram"][0]
+    assert torch.allclose(gram, expected, atol=1e-6)
 
 
 def test_needs_a_blocks_list_and_registers_as_a_train_data_method():
@@ -201,6 +203,13 @@ def _roberta():
     return transformers.RobertaModel(config, add_pooling_layer=False), ("encoder.layer",), _padded
 
 
+def _gpt2():
+    config = transformers.GPT2Config(
+        vocab_size=23, n_embd=16, n_layer=2, n_head=2, n_positions=16, n_inner=24
+    )
+    return transformers.GPT2Model(config), ("h",), _padded
+
+
 def _causal_lm(model, ids):
     model(input_ids=ids)
 
@@ -217,12 +226,15 @@ def _padded(model, ids):
 
 
 def _linear_grams(model: nn.Module, prefix: str, batches, run) -> dict[str, Tensor]:
-    """X^T X / rows of every ``nn.Linear`` under ``prefix``, from plain forward hooks."""
+    """X^T X / rows of every ``nn.Linear`` (``gram``) and GPT-2 ``Conv1D`` (``gram_rows``)
+    under ``prefix``, from plain forward hooks: {(key, kind): Gram}."""
     sums, rows, handles = {}, {}, []
+    kinds = {nn.Linear: "gram", Conv1D: "gram_rows"}
     for name, module in model.named_modules():
-        if name.startswith(prefix) and isinstance(module, nn.Linear):
+        kind = kinds.get(type(module))
+        if name.startswith(prefix) and kind is not None:
 
-            def hook(_m, args, key=f"{name}.weight"):
+            def hook(_m, args, key=(f"{name}.weight", kind)):
                 x = args[0].reshape(-1, args[0].shape[-1]).double()
                 sums[key] = sums.get(key, 0) + x.T @ x
                 rows[key] = rows.get(key, 0) + len(x)
@@ -236,12 +248,14 @@ def _linear_grams(model: nn.Module, prefix: str, batches, run) -> dict[str, Tens
     return {k: (v / rows[k]).float() for k, v in sums.items()}
 
 
-@pytest.mark.parametrize("family", [_llama, _t5, _roberta], ids=["llama", "t5", "roberta"])
+@pytest.mark.parametrize(
+    "family", [_llama, _t5, _roberta, _gpt2], ids=["llama", "t5", "roberta", "gpt2"]
+)
 def test_language_model_blocks_see_the_merged_model_below_them(family):
     """Block i's Grams for task t, by hand: the experts' mean outside the blocks, the merged
     blocks below i, task t's block i, run as one whole model, so that the block gets the
     model's own rotary positions and causal mask (Llama), relative position bias and
-    encoder output (T5), padding mask (RoBERTa)."""
+    encoder output (T5), padding mask (RoBERTa, GPT-2); GPT-2's Conv1D maps get ``gram_rows``."""
     torch.manual_seed(0)
     model, lists, run = family()
     model.eval()
@@ -266,17 +280,18 @@ def test_language_model_blocks_see_the_merged_model_below_them(family):
             reference.load_state_dict({**mean, **merged, **own})
             reference.eval()
             expected = _linear_grams(reference, prefix, batches[task], run)
-            assert expected and set(expected) == {k for k in grams if k.startswith(prefix)}
-            for key, gram in expected.items():
-                assert torch.allclose(grams[key][task], gram, atol=1e-5, rtol=1e-4), key
+            ours = {(k, kind) for k, s in grams.items() if k.startswith(prefix) for kind in s}
+            assert expected and set(expected) == ours
+            for (key, kind), gram in expected.items():
+                assert torch.allclose(grams[key][kind][task], gram, atol=1e-5, rtol=1e-4), key
         merged.update(regmean_pp.merged_block(prefix, base, experts, grams, 0.5))
     # the last block saw the merged model, not task 0's expert (RegMean's Grams)
     last = f"{blocks[-1]}."
     expert_model, _, _ = family()
     expert_model.load_state_dict(experts[0])
     plain = _linear_grams(expert_model.eval(), last, batches[0], run)
-    key = next(k for k in plain if "q" in k.split(".")[-2])
-    assert not torch.allclose(grams[key][0], plain[key], atol=1e-4)
+    key, kind = next(k for k in plain if "q" in k[0].split(".")[-2] or "c_attn" in k[0])
+    assert not torch.allclose(grams[key][kind][0], plain[key, kind], atol=1e-4)
 
 
 def test_residual_blocks_come_from_the_suite_and_are_checked():

@@ -40,8 +40,8 @@ price is a forward through the merged blocks below i for each block, L(L+1)/2 bl
 per example instead of 2L. For language models every token position is a Gram row (prompt,
 answer and trailing padding alike, as in ``regmean``'s ``gram`` statistic), and the parts
 outside the blocks (embeddings, final norm, a language-model head) are the experts' mean,
-as FusionBench does outside CLIP's blocks: only the blocks' linear maps get Grams. GPT-2's
-``Conv1D`` maps are no ``nn.Linear`` and get none (as in ``regmean``): they are averaged.
+as FusionBench does outside CLIP's blocks: only the blocks' linear maps get Grams (GPT-2's
+``Conv1D`` too, whose rows meet the input, as ``regmean``'s ``gram_rows``).
 """
 
 from __future__ import annotations
@@ -80,15 +80,16 @@ def merged_block(
     prefix: str,
     base: Mapping[str, Tensor],
     experts: Sequence[Mapping[str, Tensor]],
-    grams: Mapping[str, Tensor],
+    grams: Mapping[str, Mapping[str, Tensor]],
     alpha: float,
 ) -> dict[str, Tensor]:
     """The merged parameters (θ0 + Δ) of the keys under ``prefix``: RegMean where a Gram
-    stack [T, in, in] is known, the experts' mean elsewhere."""
+    stack [T, in, in] is known (``grams[key]``: ``{"gram": ...}`` or ``{"gram_rows": ...}``,
+    as ``regmean`` reads them), the experts' mean elsewhere."""
     out = {}
     for key in (k for k in base if k.startswith(prefix)):
         vectors = torch.stack([e[key].float() - base[key].float() for e in experts])
-        stats = {"gram": grams[key]} if key in grams else {}
+        stats = dict(grams.get(key, {}))
         delta = regmean(base[key].float(), vectors, TensorContext(key, (), stats=stats), alpha)
         out[key] = base[key].float() + delta
     return out
@@ -103,8 +104,9 @@ def layerwise_grams(
     batches: Sequence[Iterable[Any]],
     run: Callable[[nn.Module, Any], None],
     alpha: float,
-) -> dict[str, Tensor]:
-    """The Grams [T, in, in] of every block's linear weights, RegMean++'s way.
+) -> dict[str, dict[str, Tensor]]:
+    """The Grams [T, in, in] of every block's linear weights, RegMean++'s way: per
+    parameter, ``{"gram": ...}`` (y = x Pᵀ) or ``{"gram_rows": ...}`` (y = x P, GPT-2).
 
     ``model`` holds the experts' mean (the merged embeddings); its ``blocks`` (module
     names, in forward order) are replaced by the merged ones as they are decided.
@@ -114,7 +116,7 @@ def layerwise_grams(
     states of the merged blocks below, and whatever else the model passes its blocks.
     """
     modules = dict(model.named_modules())
-    grams: dict[str, Tensor] = {}
+    grams: dict[str, dict[str, Tensor]] = {}
     for name in blocks:
         block, prefix = modules[name], f"{name}."
         per_task = []
@@ -128,7 +130,7 @@ def layerwise_grams(
                 tuned(*args, **kwargs)
                 raise _Captured
 
-            with statistics.recording_grams(tuned, prefix) as (columns, _):
+            with statistics.recording_grams(tuned, prefix) as (columns, rows):
                 handle = block.register_forward_pre_hook(feed, with_kwargs=True)
                 try:
                     for batch in task_batches:
@@ -138,9 +140,10 @@ def layerwise_grams(
                             pass
                 finally:
                     handle.remove()
-            per_task.append(columns.grams())
-        for key in per_task[0]:
-            grams[key] = torch.stack([g[key] for g in per_task])
+            per_task.append({"gram": columns.grams(), "gram_rows": rows.grams()})
+        for kind, first in per_task[0].items():
+            for key in first:
+                grams[key] = {kind: torch.stack([g[kind][key] for g in per_task])}
         merged = merged_block(prefix, base, experts, grams, alpha)
         block.load_state_dict({k[len(prefix) :]: v for k, v in merged.items()})
     return grams
@@ -172,18 +175,13 @@ def adapt(request: AdaptRequest, alpha: float) -> AdaptResult:
     device_base = {k: v.to(bench.device) for k, v in base.items()}
     device_experts = [{k: v.to(bench.device) for k, v in e.items()} for e in experts]
     grams = layerwise_grams(model, blocks, device_base, device_experts, batches, run, alpha)
-    return AdaptResult({k: v.cpu() for k, v in grams.items()})
+    return AdaptResult({k: {kind: v.cpu() for kind, v in s.items()} for k, s in grams.items()})
 
 
 def regmean_pp(base: Tensor, task_vectors: Tensor, ctx: TensorContext, alpha: float) -> Tensor:
     """RegMean with the Grams learned block by block, the experts' mean elsewhere."""
-    gram = ctx.state.get(ctx.key)
-    return regmean(
-        base,
-        task_vectors,
-        dataclasses.replace(ctx, stats={"gram": gram} if gram is not None else {}),
-        alpha,
-    )
+    stats = dict(ctx.state.get(ctx.key, {}))
+    return regmean(base, task_vectors, dataclasses.replace(ctx, stats=stats), alpha)
 
 
 @hookimpl
