@@ -218,6 +218,20 @@ def test_wudi_first_adam_step_and_which_tensors_it_optimises():
     assert torch.equal(fb[PROJ], one[FC]) and torch.equal(fb[BIAS], torch.tensor([1.0, 0.5]))
 
 
+def test_wudi_blocks_scope_optimises_a_language_models_layers_not_its_embeddings_or_head():
+    # text8's llama keys: the layers' projections are optimised (they move by Adam's first
+    # step, -lr·sign(g)), the token embeddings and the LM head stay at θ0 (scope=blocks)
+    keys = ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "lm_head.weight")
+    base = {k: torch.zeros(1, 2) for k in keys}
+    experts = {
+        f"e{i}": {k: torch.tensor([row]) for k in keys}
+        for i, row in enumerate([[1.0, 0.0], [1.0, 1.0]])
+    }
+    one = atmbench.merge("wudi:steps=1", base, experts)
+    assert torch.allclose(one[keys[0]], torch.tensor([[2.0, 1.0]]) - 1e-5, atol=1e-7, rtol=0)
+    assert not one[keys[1]].any() and not one[keys[2]].any()
+
+
 def test_wudi_reduces_the_interference_and_keeps_orthogonal_task_vectors_summed():
     base, experts = _wudi_inputs([1.0, 0.0], [1.0, 1.0])
     taus = [e[FC] for e in experts.values()]

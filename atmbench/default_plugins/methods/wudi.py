@@ -10,8 +10,12 @@ wudi_merging``), checked against the latter in ``tests/data/golden/wudi*.safeten
 The two differ in which tensors are optimised, offered as ``scope``:
 
 - ``scope=blocks`` (default, the authors' code behind the paper's 85.2 on ViT-B/32):
-  only open_clip's ``attn.in_proj_weight``, ``attn.out_proj.weight``, ``mlp.c_fc.weight``
-  and ``mlp.c_proj.weight``; every other tensor stays at θ0.
+  only the weight matrices inside the model's numbered residual blocks (a key with a
+  ``.<index>.`` component); every other tensor stays at θ0. On open_clip's ViT these are
+  exactly the four the authors' code names (``attn.in_proj_weight``,
+  ``attn.out_proj.weight``, ``mlp.c_fc.weight``, ``mlp.c_proj.weight``); on a language
+  model they are the layers' projections, without the token embeddings and the LM head,
+  as the WUDI scripts for RoBERTa leave out embeddings, norms, biases and classifiers.
 - ``scope=matrices`` (FusionBench): every 2-D tensor (``positional_embedding`` and ``proj``
   too); every other tensor gets the mean of the task vectors.
 
@@ -43,6 +47,8 @@ gives NaN) contributes nothing.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor
 
@@ -50,20 +56,15 @@ from atmbench.hookspecs import hookimpl
 from atmbench.hparams import HParam
 from atmbench.method import MergeMethod, TensorContext
 
-BLOCK_MATRICES = (
-    "attn.in_proj_weight",
-    "attn.out_proj.weight",
-    "mlp.c_fc.weight",
-    "mlp.c_proj.weight",
-)
-"""The keys the authors' code optimises (``vit/wudi_main.py``)."""
+IN_BLOCK = re.compile(r"(^|\.)\d+\.")
+"""A key inside a numbered block: ``transformer.resblocks.3.``, ``model.layers.3.``, ``h.3.``."""
 
 SCOPE = HParam(
     "scope",
     default="blocks",
     choices=("blocks", "matrices"),
     type=str,
-    help="optimise the residual blocks' 4 matrices, others at θ0 (authors), or every "
+    help="optimise the residual blocks' weight matrices, others at θ0 (authors), or every "
     "matrix, others averaged (FusionBench)",
 )
 SMALL = 1 << 22
@@ -76,7 +77,7 @@ STEPS = HParam("steps", default=300, low=0, type=int, help="Adam steps per matri
 def optimised(key: str, base: Tensor, scope: str) -> bool:
     if base.dim() != 2:
         return False
-    return scope == "matrices" or any(name in key for name in BLOCK_MATRICES)
+    return scope == "matrices" or IN_BLOCK.search(key) is not None
 
 
 def wudi(base: Tensor, task_vectors: Tensor, ctx: TensorContext, scope: str, steps: int) -> Tensor:
