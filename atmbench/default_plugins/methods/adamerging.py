@@ -34,8 +34,12 @@ position FusionBench's AdaMerging for Flan-T5 reads (``flan_t5_layer_wise_adamer
 the decoder's first step), it is the one token every later one conditions on, and it costs
 one forward pass of the prompt; the entropy of a whole answer has no closed form, and the
 later positions would need the model's own greedy answer regenerated under every new
-merge. The unlabeled batches hold the prompt only (the datasets' ``inputs``), so neither the
-answer nor its tokens in a teacher-forced input reach the method. Departure from
+merge. Tried once on text8 (llama-tiny, seed 0, a loaded 2-core machine): the mean entropy
+of every answer token, teacher-forced on that greedy answer, scored 38.2 / 38.3 exact match
+(task- / layer-wise) against 37.6 / 38.1 here, within the seeds' spread, at 3x the time
+(99 s against 31 s). The unlabeled batches hold the prompt only (the datasets'
+``inputs``), so neither the answer nor its tokens in a teacher-forced input reach the
+method. Departure from
 FusionBench's Flan-T5 code: it averages the logits over the batch before taking the entropy
 (one entropy per batch, which pushes every prompt towards the same first token); here, as in
 its CLIP and GPT-2 code and the paper, each example's entropy is taken, then averaged.
