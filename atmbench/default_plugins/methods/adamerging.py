@@ -39,10 +39,10 @@ of every answer token, teacher-forced on that greedy answer, scored 38.2 / 38.3 
 (task- / layer-wise) against 37.6 / 38.1 here, within the seeds' spread, at 3x the time
 (99 s against 31 s). The unlabeled batches hold the prompt only (the datasets'
 ``inputs``), so neither the answer nor its tokens in a teacher-forced input reach the
-method. Departure from
-FusionBench's Flan-T5 code: it averages the logits over the batch before taking the entropy
-(one entropy per batch, which pushes every prompt towards the same first token); here, as in
-its CLIP and GPT-2 code and the paper, each example's entropy is taken, then averaged.
+method. Departure from FusionBench's Flan-T5 code: it averages the logits over the batch
+before taking the entropy (one entropy per batch, which pushes every prompt towards the
+same first token); here, as in its CLIP and GPT-2 code and the paper, each example's
+entropy is taken, then averaged.
 Classification suites read their class logits exactly as before; a regression head
 (RoBERTa's or GPT-2's STS-B) has no distribution and is refused with a one-line error.
 
