@@ -211,9 +211,11 @@ class TextToText(TaskModel):
         return features.float(), batch[2]
 
     def unlabeled_features(self, batch: Batch) -> Tensor:
-        """The decoder's first-step logits [examples, vocabulary] from the input alone (the
-        decoder start token), as greedy generation's first step and FusionBench's
-        AdaMerging for Flan-T5 compute them."""
+        """The decoder's first-step logits [examples, vocabulary] from the input alone, as
+        greedy generation's first step computes them (from the decoder start token).
+        FusionBench's AdaMerging for Flan-T5 reads the same position but feeds token id 1
+        (``torch.ones``: T5's end token) as the decoder input; the start token is what the
+        model was trained and is evaluated with."""
         start = self.backbone.config.decoder_start_token_id
         decoder_input_ids = torch.full((len(batch[0]), 1), start, device=batch[0].device)
         out = self.backbone(
